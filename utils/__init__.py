@@ -1,0 +1,1 @@
+"""CrackSense shared library: every script is a thin front door onto these modules."""

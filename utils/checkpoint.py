@@ -1,0 +1,200 @@
+"""The one checkpoint format (DESIGN section 4): self-describing, pickle-free, written atomically.
+
+Also reads the older kinds of file people have: a plain state_dict (the thesis' *_weights.pth,
+possibly with an 8th "boundary" output) and, only behind --allow_pickle, a whole pickled model.
+"""
+import os
+import pickle
+import re
+import tempfile
+
+import torch
+
+from utils.cli import UserError
+from utils.data import CLASS_NAMES, NUM_CLASSES
+from utils.model import ARCHS, build, has_aux
+
+FORMAT = "cracksense-checkpoint"
+VERSION = 1
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def unwrap(model):
+    """The bare network under DistributedDataParallel."""
+    return model.module if hasattr(model, "module") else model
+
+
+def make_checkpoint(model, arch, num_classes=NUM_CLASSES, pruning=None, **extra):
+    """The checkpoint dict: everything needed to rebuild the network, plus training state in `extra`."""
+    model = unwrap(model)
+    checkpoint = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "num_classes": num_classes,
+        "num_outputs": num_classes,
+        "classes": list(CLASS_NAMES[:num_classes]),
+        "aux_loss": getattr(model, "aux_classifier", None) is not None,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if pruning is not None:
+        checkpoint["pruning"] = pruning
+    checkpoint.update(extra)
+    return checkpoint
+
+
+def _strip_prefix(state_dict):
+    """Keys saved from DataParallel/DistributedDataParallel carry a 'module.' prefix."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def infer_arch(state_dict):
+    """Guess the architecture of a plain state_dict from its key names."""
+    keys = state_dict.keys()
+    if any(k.startswith("classifier.cbr") for k in keys):
+        return "lraspp_mobilenet_v3_large"
+    if "backbone.conv1.weight" in keys:
+        blocks = {int(m.group(1)) for k in keys if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+        return "deeplabv3_resnet101" if blocks and max(blocks) >= 6 else "deeplabv3_resnet50"
+    if any(k.startswith("backbone.0.") for k in keys):
+        return "deeplabv3_mobilenet_v3_large"
+    raise UserError("cannot tell the architecture of this state_dict (no DeepLabV3/LRASPP keys)")
+
+
+def _num_outputs(state_dict):
+    for key in ("classifier.4.weight", "classifier.high_classifier.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    raise UserError("cannot find the classifier weight in this state_dict")
+
+
+def _from_state_dict(state_dict, source):
+    state_dict = _strip_prefix(state_dict)
+    arch = infer_arch(state_dict)
+    outputs = _num_outputs(state_dict)
+    classes = NUM_CLASSES if outputs == NUM_CLASSES + 1 else outputs  # the thesis' extra boundary channel
+    return {
+        "format": "state_dict", "version": 0, "arch": arch,
+        "num_classes": classes, "num_outputs": outputs,
+        "classes": list(CLASS_NAMES[:classes]),
+        "aux_loss": any(k.startswith("aux_classifier.") for k in state_dict),
+        "model": state_dict, "source": source,
+    }
+
+
+def read_checkpoint(path, allow_pickle=False):
+    """Any checkpoint kind as a normalised dict (format, arch, num_classes, num_outputs, model, ...).
+
+    A pickled whole model comes back under the key "module" as well, ready to use.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not allow_pickle:
+            raise UserError(f"{path} is a pickled whole model; loading it runs code stored in the file. "
+                            f"If you trust it, pass --allow_pickle") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if isinstance(obj, torch.nn.Module):
+        checkpoint = _from_state_dict(obj.state_dict(), path)
+        checkpoint["format"] = "pickled_model"
+        checkpoint["module"] = obj
+        return checkpoint
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
+    if obj.get("format") == FORMAT:
+        if obj.get("version", 0) > VERSION:
+            raise UserError(f"{path} was written by a newer CrackSense (format version {obj['version']})")
+        if obj["arch"] not in ARCHS:
+            raise UserError(f"{path} holds unknown arch {obj['arch']!r}")
+        return obj
+    if "model" in obj and isinstance(obj["model"], dict):
+        return _from_state_dict(obj["model"], path)
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _from_state_dict(obj, path)
+    raise UserError(f"{path} is neither a CrackSense checkpoint nor a model state_dict")
+
+
+def build_from_checkpoint(checkpoint):
+    """A network of the checkpoint's architecture (pruned if it says so), without its weights loaded."""
+    model = build(checkpoint["arch"], checkpoint["num_outputs"], init="none",
+                  aux_loss=checkpoint.get("aux_loss", has_aux(checkpoint["arch"])))
+    if checkpoint.get("pruning"):
+        from utils.pruning import replay_pruning_history
+
+        replay_pruning_history(model, checkpoint["pruning"])
+    return model
+
+
+def load_weights(model, state_dict, source):
+    """load_state_dict with a one-line message when the shapes or keys disagree."""
+    state_dict = _strip_prefix(state_dict)
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        key = mismatched[0]
+        raise UserError(f"{source} does not fit this network: {key} is {tuple(state_dict[key].shape)} there, "
+                        f"{tuple(own[key].shape)} here ({len(mismatched)} tensors differ; another arch, "
+                        f"class count or pruning?)")
+    missing = [k for k in own if k not in state_dict and not k.startswith("aux_classifier.")]
+    unexpected = [k for k in state_dict if k not in own and not k.startswith("aux_classifier.")]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise UserError(f"{source} does not fit this network: {'missing' if missing else 'unexpected'} "
+                        f"key {key} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES):
+    """(model in eval mode, metadata) from any checkpoint kind; refuses another class count."""
+    checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
+    if num_classes is not None and checkpoint["num_classes"] != num_classes:
+        raise UserError(f"{path} predicts {checkpoint['num_outputs']} classes but S2DS has {num_classes}")
+    if "module" in checkpoint:
+        model = checkpoint.pop("module")
+    else:
+        model = load_weights(build_from_checkpoint(checkpoint), checkpoint["model"], path)
+    metadata = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "lr_scheduler", "scaler")}
+    metadata["path"] = str(path)
+    return model.to(device).eval(), metadata
+
+
+def load_for_inference(weights=None, pruned_model=None, use_pruned=False, device="cpu", allow_pickle=False):
+    """The seed's loading rules for test.py and inference.py, in one place.
+
+    --weights W alone: any self-describing checkpoint or plain state_dict. --pruned_model P with
+    --weights W (and --use_pruned): P's pruned architecture with W's weights. P alone: P itself.
+    """
+    if use_pruned and not pruned_model:
+        raise UserError("--use_pruned needs --pruned_model P.pth (the pruned architecture)")
+    if not weights and not pruned_model:
+        raise UserError("no model given: pass --weights W.pth (or --pruned_model P.pth)")
+    if pruned_model:
+        model, metadata = load_model(pruned_model, allow_pickle=allow_pickle)
+        if weights:
+            checkpoint = read_checkpoint(weights, allow_pickle=allow_pickle)
+            load_weights(model, checkpoint["model"], weights)
+            metadata = {**metadata, "weights_path": str(weights)}
+        return model.to(device).eval(), metadata
+    return load_model(weights, device=device, allow_pickle=allow_pickle)

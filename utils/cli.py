@@ -1,0 +1,85 @@
+"""Command-line conventions shared by every script (DESIGN section 7).
+
+Expected failures raise UserError; `run_main` turns them into one line on stderr and exit
+status 2, while unexpected errors keep their traceback.
+"""
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad dataset, bad value): one line, exit 2."""
+
+
+_TRUE = {"true", "yes", "1", "y", "t", "on"}
+_FALSE = {"false", "no", "0", "n", "f", "off"}
+
+
+def str2bool(value):
+    """Parse True/False/yes/no/1/0 in any case, for argparse."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/yes/no/1/0), got {value!r}")
+
+
+def add_bool(parser, name, default=False, help=""):
+    """A boolean option: `--flag` alone means True, `--flag False` spells it out."""
+    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default,
+                        metavar="BOOL", help=f"{help} (default: {default})")
+
+
+def run_main(main, argv=None):
+    """Call main(argv); a UserError becomes one stderr line and exit status 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        prog = os.path.basename(sys.argv[0]) or "cracksense"
+        message = _last_line(str(error))
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _last_line(text):
+    """One line: a DataLoader worker re-raises our error with its traceback above the message."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or ["unknown error"]
+    return re.sub(r"^[\w.]*Error: ", "", lines[-1])
+
+
+def resolve_device(name):
+    """Map --device auto|cpu|cuda|cuda:N to a torch.device, refusing CUDA where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def percent_or_fraction_hint(value):
+    """Shared text for options whose unit is percent."""
+    return f"{value} looks like a fraction; the unit is percent (e.g. 50 for half)"
+
+
+def require_path(path, what, kind="any"):
+    """Refuse a missing file or folder with a line naming it."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} not found: {path}")
+    if kind == "file" and not os.path.isfile(path):
+        raise UserError(f"{what} is not a file: {path}")
+    if kind == "dir" and not os.path.isdir(path):
+        raise UserError(f"{what} is not a folder: {path}")
+    return path

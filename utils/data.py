@@ -1,0 +1,413 @@
+"""S2DS data: the class table, label decoding, the split dataset, joint transforms and dataset checks.
+
+Model-free: imports no model code. The class order is the one the published thesis code wrote
+into Labels_grayscale, so existing grayscale labels and 8-output weights stay valid.
+"""
+import argparse
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from utils.cli import UserError
+
+# id, name, colour in Labels_RGB (DESIGN section 3)
+CLASSES = (
+    (0, "background", (0, 0, 0)),
+    (1, "control_point", (0, 0, 255)),
+    (2, "vegetation", (0, 255, 0)),
+    (3, "efflorescence", (0, 255, 255)),
+    (4, "corrosion", (255, 255, 0)),
+    (5, "spalling", (255, 0, 0)),
+    (6, "crack", (255, 255, 255)),
+)
+CLASS_NAMES = tuple(name for _, name, _ in CLASSES)
+PALETTE = np.array([colour for _, _, colour in CLASSES], dtype=np.uint8)
+NUM_CLASSES = len(CLASSES)
+CRACK_ID = CLASS_NAMES.index("crack")
+BACKGROUND_ID = CLASS_NAMES.index("background")
+IGNORE_INDEX = 255
+
+IMAGE_DIR = "Images"
+GRAY_DIR = "Labels_grayscale"
+RGB_DIR = "Labels_RGB"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# Each channel snapped at 128 gives a 3-bit code r*4+g*2+b; this table maps the code to a class id.
+_SNAP_THRESHOLD = 128
+_UNKNOWN = -1
+_CODE_TO_ID = np.full(8, _UNKNOWN, dtype=np.int16)
+for _id, _name, (_r, _g, _b) in CLASSES:
+    _CODE_TO_ID[(_r >= _SNAP_THRESHOLD) * 4 + (_g >= _SNAP_THRESHOLD) * 2 + (_b >= _SNAP_THRESHOLD)] = _id
+
+class DatasetError(UserError):
+    """A dataset problem that names the file at fault."""
+
+def list_images(folder):
+    """Image files of a folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+def read_image(path):
+    """An RGB uint8 array; an unreadable file is a DatasetError naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from None
+
+def image_size(path):
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from None
+
+def decode_rgb_label(rgb, source="label"):
+    """Class ids from an RGB label, each channel snapped at 128; unknown colours are an error."""
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise DatasetError(f"RGB label {source} is not a colour image")
+    bits = (rgb[..., :3] >= _SNAP_THRESHOLD).astype(np.uint8)
+    ids = _CODE_TO_ID[bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]]
+    unknown = ids == _UNKNOWN
+    if unknown.any():
+        y, x = np.argwhere(unknown)[0]
+        colour = tuple(int(c) for c in rgb[y, x, :3])
+        raise DatasetError(f"unknown label colour {colour} at pixel (x={x}, y={y}) in {source} "
+                           f"({int(unknown.sum())} such pixels); known colours: "
+                           + ", ".join(f"{n} {c}" for _, n, c in CLASSES))
+    return ids.astype(np.uint8)
+
+def encode_rgb_label(ids):
+    """The Labels_RGB colours of a class-id array (ignore shown as black)."""
+    safe = np.where(ids < NUM_CLASSES, ids, 0)
+    return PALETTE[safe]
+
+def read_label(path, rgb=None):
+    """Class ids (uint8, 255 = ignore) from a label file, checked.
+
+    rgb=None decides by folder: files under Labels_RGB/ are decoded by colour, others read as ids.
+    """
+    path = Path(path)
+    if rgb is None:
+        rgb = path.parent.name == RGB_DIR
+    try:
+        with Image.open(path) as image:
+            array = np.array(image.convert("RGB") if rgb else image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read label {path}: {error}") from None
+    if rgb:
+        return decode_rgb_label(array, path)
+    if array.ndim == 3:
+        raise DatasetError(f"grayscale label {path} has colour channels; put it under {RGB_DIR}/ "
+                           f"or convert it with: python -m utils.data rgb2gray SPLIT_DIR")
+    bad = (array >= NUM_CLASSES) & (array != IGNORE_INDEX)
+    if bad.any():
+        values = sorted(int(v) for v in np.unique(array[bad]))[:5]
+        raise DatasetError(f"label {path} has class ids {values} out of range 0-{NUM_CLASSES - 1} "
+                           f"(255 = ignore)")
+    return array.astype(np.uint8)
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: Path | None
+
+    @property
+    def name(self):
+        return self.image.stem
+
+def _label_stem(path):
+    """A label's image stem: S2DS release labels are named NNN_lab.png."""
+    return re.sub(r"_lab$", "", path.stem)
+
+def find_samples(split_dir, require_labels=True):
+    """Pair Images/ with Labels_grayscale/ (preferred) or Labels_RGB/ by file stem, checking sizes."""
+    split = Path(split_dir)
+    if not split.is_dir():
+        raise DatasetError(f"dataset folder not found: {split}")
+    image_dir = split / IMAGE_DIR
+    if not image_dir.is_dir():
+        raise DatasetError(f"{split} has no {IMAGE_DIR}/ folder; a split holds {IMAGE_DIR}/ and "
+                           f"{GRAY_DIR}/ or {RGB_DIR}/")
+    images = list_images(image_dir)
+    if not images:
+        raise DatasetError(f"{image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    label_dir = next((split / d for d in (GRAY_DIR, RGB_DIR) if (split / d).is_dir()), None)
+    if label_dir is None:
+        if require_labels:
+            raise DatasetError(f"{split} has no labels: expected {GRAY_DIR}/ or {RGB_DIR}/ beside {IMAGE_DIR}/")
+        return [Sample(p, None) for p in images]
+    labels = {}
+    for path in list_images(label_dir):
+        labels.setdefault(_label_stem(path), path)
+    image_stems = {p.stem for p in images}
+    samples = []
+    for image in images:
+        label = labels.get(image.stem)
+        if label is None:
+            raise DatasetError(f"image {image} has no label in {label_dir} (files are paired by name)")
+        samples.append(Sample(image, label))
+    orphans = sorted(set(labels) - image_stems)
+    if orphans:
+        raise DatasetError(f"label {labels[orphans[0]]} has no image in {image_dir} "
+                           f"({len(orphans)} unpaired label(s))")
+    for sample in samples:
+        if image_size(sample.image) != image_size(sample.label):
+            raise DatasetError(f"size mismatch: image {sample.image} is {image_size(sample.image)} "
+                               f"but label {sample.label} is {image_size(sample.label)}")
+    return samples
+
+def boundary_ignore(mask, width):
+    """Set a band of `width` px around areal defects (not cracks) to ignore, as the S2DS authors do."""
+    if width <= 0:
+        return mask
+    tensor = torch.as_tensor(mask)
+    areal = ((tensor != BACKGROUND_ID) & (tensor != CRACK_ID) & (tensor != IGNORE_INDEX)).float()[None, None]
+    kernel = 2 * width + 1
+    grown = F.max_pool2d(areal, kernel, stride=1, padding=width)
+    shrunk = -F.max_pool2d(-areal, kernel, stride=1, padding=width)
+    band = (grown - shrunk)[0, 0].bool()
+    out = tensor.clone()
+    out[band] = IGNORE_INDEX
+    return out if isinstance(mask, torch.Tensor) else out.numpy()
+
+class S2DSDataset(torch.utils.data.Dataset):
+    """One split folder; returns (image float tensor, mask long tensor, index)."""
+
+    def __init__(self, split_dir, transform=None, require_labels=True, boundary_px=0):
+        self.root = Path(split_dir)
+        self.samples = find_samples(split_dir, require_labels)
+        self.transform = transform
+        self.boundary_px = boundary_px
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """The raw image (H,W,3 uint8) and mask (H,W uint8) of one sample."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        if sample.label is None:
+            mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        else:
+            mask = read_label(sample.label)
+            if self.boundary_px:
+                mask = boundary_ignore(mask, self.boundary_px)
+        return image, mask
+
+    def __getitem__(self, index):
+        image, mask = self.load(index)
+        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).long())
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), index
+
+class RandomScale:
+    """Rescale image and mask together by a random factor (mask with nearest neighbour)."""
+
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def __call__(self, image, mask):
+        factor = random.uniform(self.low, self.high)
+        height, width = image.shape[-2:]
+        size = [max(1, round(height * factor)), max(1, round(width * factor))]
+        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
+
+class RandomRot90:
+    """Rotate image and mask together by a random multiple of 90 degrees (cracks have no up)."""
+
+    def __call__(self, image, mask):
+        turns = random.randint(0, 3)
+        if turns == 0:
+            return image, mask
+        return (tv_tensors.wrap(torch.rot90(image, turns, dims=(-2, -1)), like=image),
+                tv_tensors.wrap(torch.rot90(mask, turns, dims=(-2, -1)), like=mask))
+
+def _to_normalized_float():
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(MEAN, STD)]
+
+def train_transform(crop_size, scale=(0.5, 2.0)):
+    """Random scale, random crop (mask padded with ignore), flips, rot90, photometric jitter."""
+    return v2.Compose([
+        RandomScale(*scale),
+        v2.RandomCrop(crop_size, pad_if_needed=True,
+                      fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        RandomRot90(),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
+        *_to_normalized_float(),
+    ])
+
+class EvalTransform:
+    """The whole image, optionally resized (shorter side = eval_size); the mask stays native."""
+
+    def __init__(self, eval_size=None):
+        self.eval_size = eval_size
+        self.normalize = v2.Compose(_to_normalized_float())
+
+    def __call__(self, image, mask):
+        if self.eval_size:
+            image = TF.resize(image, self.eval_size, antialias=True)
+        return self.normalize(image), mask
+
+def collate(batch):
+    """Stack same-sized samples; images of different sizes stay lists (evaluation handles both)."""
+    images, masks, indices = zip(*batch)
+    indices = torch.tensor(indices)
+    if len({tuple(i.shape) for i in images}) == 1 and len({tuple(m.shape) for m in masks}) == 1:
+        return torch.stack(images), torch.stack(masks), indices
+    return list(images), list(masks), indices
+
+def label_statistics(dataset, progress=True):
+    """Per-class pixel and image counts over a split, reading every label (which also checks it)."""
+    from tqdm import tqdm
+
+    pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
+    images = np.zeros(NUM_CLASSES, dtype=np.int64)
+    ignored = 0
+    for sample in tqdm(dataset.samples, desc="reading labels", disable=not progress, leave=False):
+        mask = read_label(sample.label)
+        counts = np.bincount(mask.ravel(), minlength=256)
+        pixels += counts[:NUM_CLASSES]
+        images += counts[:NUM_CLASSES] > 0
+        ignored += int(counts[IGNORE_INDEX])
+    return pixels, images, ignored
+
+def class_weights(pixel_counts):
+    """ENet-style weights 1 / ln(1.02 + frequency): rare crack gets ~48x, background ~1.6x."""
+    frequency = pixel_counts / max(1, pixel_counts.sum())
+    return torch.tensor(1.0 / np.log(1.02 + frequency), dtype=torch.float32)
+
+def _check(split_dir):
+    """Print a per-class table of pixels and images, and every problem found; exit 1 on problems."""
+    from tqdm import tqdm
+
+    dataset = S2DSDataset(split_dir)
+    problems = []
+    pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
+    images = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for sample in tqdm(dataset.samples, desc="checking", leave=False):
+        try:
+            read_image(sample.image)
+            mask = read_label(sample.label)
+        except DatasetError as error:
+            problems.append(str(error))
+            continue
+        counts = np.bincount(mask.ravel(), minlength=256)[:NUM_CLASSES]
+        pixels += counts
+        images += counts > 0
+    total = max(1, pixels.sum())
+    print(f"{dataset.root}: {len(dataset)} images, labels from {dataset.samples[0].label.parent.name}/")
+    print(f"{'id':>3} {'class':<14} {'pixels':>14} {'share':>9} {'images':>7}")
+    for class_id, name, _ in CLASSES:
+        print(f"{class_id:>3} {name:<14} {pixels[class_id]:>14,d} {100 * pixels[class_id] / total:>8.3f}% "
+              f"{images[class_id]:>7d}")
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  {problem}")
+        return 1
+    print("no problems found")
+    return 0
+
+def _rgb2gray(split_dir):
+    """Write Labels_grayscale/ from Labels_RGB/; refuses to overwrite an existing grayscale label."""
+    from tqdm import tqdm
+
+    split = Path(split_dir)
+    rgb_dir, gray_dir = split / RGB_DIR, split / GRAY_DIR
+    if not rgb_dir.is_dir():
+        raise DatasetError(f"{split} has no {RGB_DIR}/ folder to convert")
+    sources = list_images(rgb_dir)
+    targets = [gray_dir / f"{_label_stem(p)}.png" for p in sources]
+    existing = [t for t in targets if t.exists()]
+    if existing:
+        raise DatasetError(f"{existing[0]} already exists ({len(existing)} file(s)); move {gray_dir} "
+                           f"away first, nothing was written")
+    gray_dir.mkdir(exist_ok=True)
+    for source, target in tqdm(list(zip(sources, targets)), desc="rgb2gray"):
+        Image.fromarray(read_label(source)).save(target)
+    print(f"wrote {len(targets)} grayscale labels to {gray_dir}")
+    return 0
+
+PUBLISHED_SPLITS = (("train", 0, 562), ("val", 563, 649), ("test", 650, 742))
+
+def _prepare(release_dir, out_dir):
+    """Turn the published release (NNN.png beside NNN_lab.png) into train/val/test split folders."""
+    from tqdm import tqdm
+
+    release, out = Path(release_dir), Path(out_dir)
+    if not release.is_dir():
+        raise DatasetError(f"release folder not found: {release}")
+    files = [p for p in release.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    labels = {p.stem[:-4]: p for p in files if p.stem.endswith("_lab")}
+    images = {p.stem: p for p in files if not p.stem.endswith("_lab")}
+    if not images:
+        raise DatasetError(f"{release} holds no NNN.png images")
+    for stem in sorted(images):
+        if stem not in labels:
+            raise DatasetError(f"image {images[stem]} has no {stem}_lab label in {release}")
+        if not stem.isdigit():
+            raise DatasetError(f"{images[stem]} is not named by the published numbering (NNN.png)")
+    for stem in sorted(set(labels) - set(images)):
+        raise DatasetError(f"label {labels[stem]} has no image {stem}.png in {release}")
+    for split, _, _ in PUBLISHED_SPLITS:
+        if (out / split).exists() and any((out / split).iterdir()):
+            raise DatasetError(f"{out / split} already exists and is not empty; choose another OUT_DIR")
+    counts = {}
+    for stem in tqdm(sorted(images), desc="prepare"):
+        number = int(stem)
+        split = next((s for s, low, high in PUBLISHED_SPLITS if low <= number <= high), None)
+        if split is None:
+            raise DatasetError(f"{images[stem]}: number {number} is outside the published 000-742")
+        ids = read_label(labels[stem], rgb=True)
+        for folder in (IMAGE_DIR, RGB_DIR, GRAY_DIR):
+            (out / split / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(images[stem], out / split / IMAGE_DIR / images[stem].name)
+        shutil.copy2(labels[stem], out / split / RGB_DIR / f"{stem}{labels[stem].suffix}")
+        Image.fromarray(ids).save(out / split / GRAY_DIR / f"{stem}.png")
+        counts[split] = counts.get(split, 0) + 1
+    print(f"wrote {out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s, _, _ in PUBLISHED_SPLITS))
+    return 0
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m utils.data", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="per-class table of pixels and images, and any problems")
+    check.add_argument("split_dir", metavar="SPLIT_DIR")
+    to_gray = commands.add_parser("rgb2gray", help="write Labels_grayscale/ from Labels_RGB/")
+    to_gray.add_argument("split_dir", metavar="SPLIT_DIR")
+    prepare = commands.add_parser("prepare", help="published release -> train/val/test split folders")
+    prepare.add_argument("release_dir", metavar="RELEASE_DIR")
+    prepare.add_argument("out_dir", metavar="OUT_DIR")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        status = _check(args.split_dir)
+    elif args.command == "rgb2gray":
+        status = _rgb2gray(args.split_dir)
+    else:
+        status = _prepare(args.release_dir, args.out_dir)
+    if status:
+        sys.exit(status)
+
+if __name__ == "__main__":
+    from utils.cli import run_main
+
+    run_main(main)

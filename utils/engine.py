@@ -1,0 +1,168 @@
+"""train_one_epoch and evaluate: the one training loop and the one evaluation loop of the project.
+
+train.py, the fine-tuning between pruning steps and test.py all call these; they take a model,
+a loader and a device and return plain results, leaving files and printing to the caller.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from utils.checkpoint import unwrap
+from utils.cli import UserError
+from utils.data import CRACK_ID, IGNORE_INDEX
+from utils.metrics import ConfusionMatrix, ToleranceAccumulator, image_scores
+from utils.model import forward_logits, sliding_window_logits
+
+
+def autocast(device, enabled):
+    """Mixed precision in one place: float16 on CUDA (with a GradScaler), bfloat16 on CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _all_reduce_sum(values, device):
+    """Sum a list of numbers over ranks (identity without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _freeze_frozen_batchnorm(model):
+    """BatchNorm layers whose parameters are frozen also keep their running statistics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parameters = list(module.parameters(recurse=False))
+            if parameters and not any(p.requires_grad for p in parameters):
+                module.eval()
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, epoch, scheduler=None, scaler=None,
+                    amp=False, progress=True):
+    """One pass over `loader`; returns mean loss and the seconds spent waiting for data vs computing."""
+    model.train()
+    _freeze_frozen_batchnorm(model)
+    loss_sum = torch.zeros((), device=device)
+    samples = 0
+    data_seconds = compute_seconds = 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not progress, leave=False, dynamic_ncols=True)
+    ready = time.perf_counter()
+    for step, (images, masks, _) in enumerate(bar):
+        arrived = time.perf_counter()
+        data_seconds += arrived - ready
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss = criterion(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach() * images.shape[0]
+        samples += images.shape[0]
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        _synchronize(device)
+        ready = time.perf_counter()
+        compute_seconds += ready - arrived
+    total_loss, total_samples = _all_reduce_sum([loss_sum.item(), samples], device)
+    mean_loss = total_loss / max(1, total_samples)
+    if not math.isfinite(mean_loss):
+        raise UserError(f"the training loss became {mean_loss} in epoch {epoch}; lower --lr or use --amp False")
+    return {"loss": mean_loss, "data_seconds": data_seconds, "compute_seconds": compute_seconds}
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation pass measured; every metric is derived from these counts."""
+    confusion: ConfusionMatrix
+    tolerance: ToleranceAccumulator | None
+    loss: float | None
+    per_image: list = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+
+def _predict(model, images, num_classes, size, tile, stride):
+    if tile:
+        return torch.cat([sliding_window_logits(model, image[None], num_classes, tile, stride, size).to(image.device)
+                          for image in images])
+    return forward_logits(model, images, num_classes, size=size)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes, criterion=None, amp=False, progress=True, tile=None,
+             stride=None, per_image=False, tolerance_px=None, on_prediction=None):
+    """Score `loader` at each label's own resolution into one dataset-level confusion matrix.
+
+    Predictions are resized to the label, never the label to the prediction. Under torchrun each
+    rank scores its shard and the counts are summed. on_prediction(index, prediction) sees every
+    predicted mask (e.g. to save it).
+    """
+    model = unwrap(model)
+    model.eval()
+    confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
+    tolerance = ToleranceAccumulator(tolerance_px) if tolerance_px is not None else None
+    loss_sum, loss_pixels, images_seen, forward_seconds = 0.0, 0, 0, 0.0
+    per_image_rows = []
+    started = time.perf_counter()
+    for images, masks, indices in tqdm(loader, desc="evaluate", disable=not progress, leave=False,
+                                       dynamic_ncols=True):
+        pairs = [(images, masks)] if isinstance(images, torch.Tensor) else \
+            [(image[None], mask[None]) for image, mask in zip(images, masks)]
+        predictions = []
+        for batch_images, batch_masks in pairs:
+            batch_images = batch_images.to(device, non_blocking=True)
+            batch_masks = batch_masks.to(device, non_blocking=True)
+            _synchronize(device)
+            forward_started = time.perf_counter()
+            with autocast(device, amp):
+                logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], tile, stride)
+            prediction = logits.argmax(dim=1)
+            _synchronize(device)
+            forward_seconds += time.perf_counter() - forward_started
+            confusion.update(batch_masks, prediction)
+            if criterion is not None:
+                valid = int((batch_masks != IGNORE_INDEX).sum())
+                loss_sum += float(criterion(logits.float(), batch_masks)) * valid
+                loss_pixels += valid
+            predictions.extend(zip(batch_masks, prediction))
+        for index, (mask, prediction) in zip(indices.tolist(), predictions):
+            images_seen += 1
+            if per_image:
+                per_image_rows.append({"index": index, **image_scores(mask, prediction, num_classes, CRACK_ID)})
+            if tolerance is not None:
+                tolerance.update(mask.cpu().numpy(), prediction.cpu().numpy(), CRACK_ID, IGNORE_INDEX)
+            if on_prediction is not None:
+                on_prediction(index, prediction)
+    seconds = time.perf_counter() - started
+    confusion.all_reduce()
+    if tolerance is not None:
+        tolerance.all_reduce()
+    loss_sum, loss_pixels, images_seen = _all_reduce_sum([loss_sum, loss_pixels, images_seen], device)
+    if per_image and dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, per_image_rows)
+        per_image_rows = sorted((row for rows in gathered for row in rows), key=lambda row: row["index"])
+    return EvalResult(confusion=confusion, tolerance=tolerance,
+                      loss=loss_sum / loss_pixels if criterion is not None and loss_pixels else None,
+                      per_image=per_image_rows, images=int(images_seen), seconds=seconds,
+                      forward_seconds=forward_seconds)

@@ -1,0 +1,176 @@
+"""Model builders (DeepLabV3-ResNet101 first, plus embedded baselines) and whole-image prediction.
+
+Every script gets its network and its logits from here, so the dict output, the thesis' extra
+8th channel and the resizing back to the label's resolution are handled in one place.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models import segmentation as seg
+
+from utils.cli import UserError
+
+# arch -> (builder, COCO-with-VOC-labels weights, ImageNet backbone weights)
+ARCHS = {
+    "deeplabv3_resnet101": (seg.deeplabv3_resnet101, seg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+                            ResNet101_Weights.IMAGENET1K_V1),
+    "deeplabv3_resnet50": (seg.deeplabv3_resnet50, seg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+                           ResNet50_Weights.IMAGENET1K_V1),
+    "deeplabv3_mobilenet_v3_large": (seg.deeplabv3_mobilenet_v3_large,
+                                     seg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+                                     MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+    "lraspp_mobilenet_v3_large": (seg.lraspp_mobilenet_v3_large,
+                                  seg.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+                                  MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+}
+DEFAULT_ARCH = "deeplabv3_resnet101"
+INITS = ("coco", "imagenet", "none")
+
+
+def has_aux(arch):
+    return not arch.startswith("lraspp")
+
+
+def head_layers(model):
+    """The class-producing convolutions: replaced on a new class count, never pruned, trained when frozen."""
+    if isinstance(model, seg.LRASPP):
+        return [model.classifier.low_classifier, model.classifier.high_classifier]
+    layers = [model.classifier[4]]
+    if getattr(model, "aux_classifier", None) is not None:
+        layers.append(model.aux_classifier[4])
+    return layers
+
+
+def _replace_head(model, num_classes):
+    def fresh(conv):
+        return nn.Conv2d(conv.in_channels, num_classes, kernel_size=1)
+
+    if isinstance(model, seg.LRASPP):
+        model.classifier.low_classifier = fresh(model.classifier.low_classifier)
+        model.classifier.high_classifier = fresh(model.classifier.high_classifier)
+        return
+    model.classifier[4] = fresh(model.classifier[4])
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier[4] = fresh(model.aux_classifier[4])
+
+
+def _download_hint(weights, error):
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    filename = os.path.basename(weights.url)
+    return (f"could not get pretrained weights {filename} ({type(error).__name__}; offline?): put the file in "
+            f"{hub} (set TORCH_HOME to use another folder) or train from scratch with --init none")
+
+
+def build(arch=DEFAULT_ARCH, num_classes=7, init="coco", aux_loss=True, keep_feature_extract=False):
+    """A segmentation network with `num_classes` outputs.
+
+    init: coco (torchvision's COCO-with-VOC-labels weights, head replaced), imagenet (backbone only)
+    or none. keep_feature_extract freezes everything but the new head.
+    """
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if init not in INITS:
+        raise UserError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
+    builder, coco_weights, backbone_weights = ARCHS[arch]
+    aux = bool(aux_loss) and has_aux(arch)
+    try:
+        if init == "coco":
+            model = builder(weights=coco_weights, aux_loss=True if aux else None)
+            _replace_head(model, num_classes)
+            if not aux and getattr(model, "aux_classifier", None) is not None:
+                model.aux_classifier = None
+        elif init == "imagenet":
+            model = builder(weights=None, weights_backbone=backbone_weights, num_classes=num_classes,
+                            aux_loss=aux if has_aux(arch) else None)
+        else:
+            model = builder(weights=None, weights_backbone=None, num_classes=num_classes,
+                            aux_loss=aux if has_aux(arch) else None)
+    except (OSError, RuntimeError, ValueError) as error:
+        if init == "none":
+            raise
+        raise UserError(_download_hint(coco_weights if init == "coco" else backbone_weights, error)) from None
+    if keep_feature_extract:
+        freeze_all_but_head(model)
+    return model
+
+
+def freeze_all_but_head(model):
+    """Feature extraction: only the class-producing convolutions keep requires_grad."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for layer in head_layers(model):
+        for parameter in layer.parameters():
+            parameter.requires_grad_(True)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_logits(model, images, num_classes, size=None):
+    """Main-head logits (thesis' extra channels dropped), resized bilinearly to `size` if given."""
+    output = model(images)
+    logits = output["out"] if isinstance(output, dict) else output
+    logits = logits[:, :num_classes]
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
+
+
+def _window_starts(length, tile, stride):
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def _blend_weights(tile, device):
+    """A tent window (never zero) so overlapping tiles fade into each other instead of seaming."""
+    ramp = torch.minimum(torch.arange(tile, device=device) + 1.0, torch.arange(tile, 0, -1, device=device))
+    ramp = ramp / ramp.max()
+    return torch.outer(ramp, ramp).clamp_min(1e-3)
+
+
+@torch.no_grad()
+def sliding_window_logits(model, image, num_classes, tile, stride=None, size=None):
+    """Logits of one (1,3,H,W) image from overlapping tile x tile windows, blended; memory stays O(tile²).
+
+    The accumulator lives on the CPU so a 6000x4000 photo fits beside a small GPU.
+    """
+    stride = stride or tile // 2
+    if not 0 < stride <= tile:
+        raise UserError(f"--stride must be between 1 and --tile ({tile}), got {stride}")
+    _, _, height, width = image.shape
+    pad_h, pad_w = max(0, tile - height), max(0, tile - width)
+    padded = F.pad(image, (0, pad_w, 0, pad_h), mode="constant", value=0.0) if pad_h or pad_w else image
+    total = torch.zeros(num_classes, height + pad_h, width + pad_w)
+    weight_sum = torch.zeros(height + pad_h, width + pad_w)
+    weights = _blend_weights(tile, image.device)
+    for top in _window_starts(height + pad_h, tile, stride):
+        for left in _window_starts(width + pad_w, tile, stride):
+            window = padded[:, :, top:top + tile, left:left + tile]
+            logits = forward_logits(model, window, num_classes)[0].float() * weights
+            total[:, top:top + tile, left:left + tile] += logits.cpu()
+            weight_sum[top:top + tile, left:left + tile] += weights.cpu()
+    logits = (total / weight_sum)[None, :, :height, :width]
+    if size is not None and tuple(size) != (height, width):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
+
+
+def count_macs(model, size=512, device="cpu"):
+    """(MACs, parameters) of one size x size image, via torch-pruning's counter."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    example = torch.zeros(1, 3, size, size, device=device)
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    model.train(was_training)
+    return int(macs), int(params)
