@@ -108,7 +108,9 @@ def read_checkpoint(path, allow_pickle=False):
         raise UserError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "unsupported global" not in str(error).lower():
+            raise UserError(f"cannot read checkpoint {path}: not a PyTorch file, or a damaged one") from None
         if not allow_pickle:
             raise UserError(f"{path} is a pickled whole model; loading it runs code stored in the file. "
                             f"If you trust it, pass --allow_pickle") from None

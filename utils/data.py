@@ -133,8 +133,17 @@ def _label_stem(path):
     """A label's image stem: S2DS release labels are named NNN_lab.png."""
     return re.sub(r"_lab$", "", path.stem)
 
-def find_samples(split_dir, require_labels=True):
-    """Pair Images/ with Labels_grayscale/ (preferred) or Labels_RGB/ by file stem, checking sizes."""
+def find_samples(split_dir, require_labels=True, problems=None):
+    """Pair Images/ with Labels_grayscale/ (preferred) or Labels_RGB/ by file stem, checking sizes.
+
+    A pairing or size problem raises DatasetError; when a `problems` list is given it is appended
+    there instead and the sample is skipped, so a check can report every problem at once.
+    """
+    def refuse(message):
+        if problems is None:
+            raise DatasetError(message)
+        problems.append(message)
+
     split = Path(split_dir)
     if not split.is_dir():
         raise DatasetError(f"dataset folder not found: {split}")
@@ -153,22 +162,25 @@ def find_samples(split_dir, require_labels=True):
     labels = {}
     for path in list_images(label_dir):
         labels.setdefault(_label_stem(path), path)
-    image_stems = {p.stem for p in images}
+    for stem in sorted(set(labels) - {p.stem for p in images}):
+        refuse(f"label {labels[stem]} has no image in {image_dir} (files are paired by name)")
     samples = []
     for image in images:
         label = labels.get(image.stem)
         if label is None:
-            raise DatasetError(f"image {image} has no label in {label_dir} (files are paired by name)")
+            refuse(f"image {image} has no label in {label_dir} (files are paired by name)")
+            continue
+        try:
+            if image_size(image) != image_size(label):
+                refuse(f"size mismatch: image {image} is {image_size(image)} but label {label} is "
+                       f"{image_size(label)}")
+                continue
+        except DatasetError as error:
+            refuse(str(error))
+            continue
         samples.append(Sample(image, label))
-    orphans = sorted(set(labels) - image_stems)
-    if orphans:
-        raise DatasetError(f"label {labels[orphans[0]]} has no image in {image_dir} "
-                           f"({len(orphans)} unpaired label(s))")
-    for sample in samples:
-        if image_size(sample.image) != image_size(sample.label):
-            raise DatasetError(f"size mismatch: image {sample.image} is {image_size(sample.image)} "
-                               f"but label {sample.label} is {image_size(sample.label)}")
     return samples
+
 
 def boundary_ignore(mask, width):
     """Set a band of `width` px around areal defects (not cracks) to ignore, as the S2DS authors do."""
@@ -299,11 +311,11 @@ def _check(split_dir):
     """Print a per-class table of pixels and images, and every problem found; exit 1 on problems."""
     from tqdm import tqdm
 
-    dataset = S2DSDataset(split_dir)
     problems = []
+    samples = find_samples(split_dir, problems=problems)
     pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
     images = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for sample in tqdm(dataset.samples, desc="checking", leave=False):
+    for sample in tqdm(samples, desc="checking", leave=False):
         try:
             read_image(sample.image)
             mask = read_label(sample.label)
@@ -314,7 +326,8 @@ def _check(split_dir):
         pixels += counts
         images += counts > 0
     total = max(1, pixels.sum())
-    print(f"{dataset.root}: {len(dataset)} images, labels from {dataset.samples[0].label.parent.name}/")
+    label_dirs = sorted({s.label.parent.name for s in samples})
+    print(f"{split_dir}: {len(samples)} paired images, labels from {', '.join(label_dirs) or 'nowhere'}")
     print(f"{'id':>3} {'class':<14} {'pixels':>14} {'share':>9} {'images':>7}")
     for class_id, name, _ in CLASSES:
         print(f"{class_id:>3} {name:<14} {pixels[class_id]:>14,d} {100 * pixels[class_id] / total:>8.3f}% "

@@ -1,0 +1,107 @@
+"""utils.checkpoint: the pickle-free format, atomic writes, and the older kinds of file people have."""
+import os
+
+import pytest
+import torch
+
+from utils import model as models
+from utils.checkpoint import (load_for_inference, load_model, make_checkpoint, read_checkpoint, save_atomic)
+from utils.cli import UserError
+
+ARCH = "deeplabv3_mobilenet_v3_large"
+
+
+def outputs(network, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return models.forward_logits(network.eval(), torch.randn(1, 3, 64, 64), 7)
+
+
+def test_roundtrip_loads_weights_only_and_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    network = models.build(ARCH, 7, init="none").eval()
+    path = tmp_path / "m.pth"
+    save_atomic(make_checkpoint(network, ARCH, epoch=3, metrics=[{"epoch": 1, "val_miou": 0.5}]), path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "cracksense-checkpoint" and raw["arch"] == ARCH and raw["num_classes"] == 7
+    assert raw["classes"][-1] == "crack" and "pruning" not in raw
+    loaded, metadata = load_model(path)
+    assert metadata["epoch"] == 3 and not loaded.training
+    assert torch.equal(outputs(loaded), outputs(network))
+
+
+def test_failed_save_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    save_atomic({"a": torch.ones(1)}, path)
+
+    def broken_save(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_atomic({"a": torch.zeros(1)}, path)
+    assert os.listdir(tmp_path) == ["m.pth"]
+    assert torch.load(path, weights_only=True)["a"].item() == 1
+
+
+def test_thesis_state_dict_with_eight_outputs(tmp_path):
+    torch.manual_seed(0)
+    network = models.build(ARCH, 8, init="none", aux_loss=False)
+    path = tmp_path / "thesis_weights.pth"
+    torch.save(network.state_dict(), path)
+    loaded, metadata = load_model(path)
+    assert metadata["format"] == "state_dict" and metadata["num_outputs"] == 8 and metadata["num_classes"] == 7
+    assert metadata["arch"] == ARCH
+    assert torch.equal(outputs(loaded), outputs(network)[:, :7])
+
+
+def test_ddp_prefixed_state_dict_and_arch_inference(tmp_path):
+    network = models.build("deeplabv3_resnet50", 7, init="none")
+    path = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in network.state_dict().items()}, path)
+    assert read_checkpoint(path)["arch"] == "deeplabv3_resnet50"
+    network = models.build("lraspp_mobilenet_v3_large", 7, init="none")
+    torch.save(network.state_dict(), path)
+    assert read_checkpoint(path)["arch"] == "lraspp_mobilenet_v3_large"
+
+
+def test_pickled_model_needs_allow_pickle(tmp_path):
+    network = models.build(ARCH, 7, init="none")
+    path = tmp_path / "whole.pth"
+    torch.save(network, path)
+    with pytest.raises(UserError, match="--allow_pickle"):
+        load_model(path)
+    loaded, metadata = load_model(path, allow_pickle=True)
+    assert metadata["format"] == "pickled_model"
+    assert torch.equal(outputs(loaded), outputs(network))
+
+
+def test_other_class_count_missing_file_and_garbage_refused(tmp_path):
+    path = tmp_path / "voc.pth"
+    torch.save(models.build(ARCH, 21, init="none").state_dict(), path)
+    with pytest.raises(UserError, match="21 classes but S2DS has 7"):
+        load_model(path)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_model(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_model(tmp_path / "junk.pth")
+
+
+def test_weights_into_another_architecture_refused(tmp_path, mobilenet_checkpoint):
+    other = tmp_path / "r50.pth"
+    save_atomic(make_checkpoint(models.build("deeplabv3_resnet50", 7, init="none"), "deeplabv3_resnet50"), other)
+    with pytest.raises(UserError, match="does not fit this network"):
+        load_for_inference(weights=other, pruned_model=mobilenet_checkpoint, use_pruned=True)
+
+
+def test_loading_rules_for_test_and_inference(mobilenet_checkpoint):
+    with pytest.raises(UserError, match="--use_pruned needs --pruned_model"):
+        load_for_inference(weights=mobilenet_checkpoint, use_pruned=True)
+    with pytest.raises(UserError, match="no model given"):
+        load_for_inference()
+    model, metadata = load_for_inference(weights=mobilenet_checkpoint, pruned_model=mobilenet_checkpoint,
+                                         use_pruned=True)
+    assert metadata["weights_path"] == str(mobilenet_checkpoint) and not model.training

@@ -1,0 +1,65 @@
+"""Command-line conventions: boolean spellings, one-line errors, device choice."""
+import argparse
+
+import pytest
+
+from utils.cli import UserError, add_bool, resolve_device, run_main, str2bool
+
+
+@pytest.mark.parametrize("spelling", ["True", "true", "TRUE", "yes", "Yes", "1", "y", "on"])
+def test_true_spellings(spelling):
+    assert str2bool(spelling) is True
+
+
+@pytest.mark.parametrize("spelling", ["False", "false", "FALSE", "no", "NO", "0", "n", "off"])
+def test_false_spellings(spelling):
+    assert str2bool(spelling) is False
+
+
+def test_bool_option_bare_flag_default_and_bad_value(capsys):
+    parser = argparse.ArgumentParser()
+    add_bool(parser, "--flag", default=False)
+    add_bool(parser, "--other", default=True)
+    assert parser.parse_args([]).flag is False and parser.parse_args([]).other is True
+    assert parser.parse_args(["--flag"]).flag is True
+    assert parser.parse_args(["--flag", "no", "--other", "False"]).flag is False
+    assert parser.parse_args(["--other", "0"]).other is False
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--flag", "maybe"])
+    assert exit_info.value.code == 2 and "expected a boolean" in capsys.readouterr().err
+
+
+def test_run_main_turns_user_error_into_one_line(capsys):
+    def failing(argv):
+        raise UserError("checkpoint not found: x.pth\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(failing, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: checkpoint not found: x.pth")
+
+
+def test_run_main_keeps_only_the_message_of_a_worker_reraised_error(capsys):
+    def failing(argv):
+        raise UserError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                        "call last):\n  File \"x.py\", line 1\nutils.data.DatasetError: cannot read image a.png")
+
+    with pytest.raises(SystemExit):
+        run_main(failing, [])
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: cannot read image a.png") and len(err.splitlines()) == 1
+
+
+def test_unexpected_errors_keep_their_traceback():
+    def broken(argv):
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        run_main(broken, [])
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(UserError, match="unknown --device"):
+        resolve_device("tpu")
