@@ -7,14 +7,14 @@ Writes results/runs/RUN_NAME/: last.pth, best.pth, metrics.csv, curves.png, args
 """
 import argparse
 
-from utils.cli import add_bool, run_main
+from utils.cli import ArgumentParser, add_bool, run_main
 from utils.losses import LOSSES
 from utils.model import ARCHS, DEFAULT_ARCH, INITS
 from utils.training import OPTIMIZERS, run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("train_dir", metavar="TRAIN_DIR", help="training split (Images/ + Labels_grayscale/ or Labels_RGB/)")
     parser.add_argument("val_dir", metavar="VAL_DIR", help="validation split, scored every epoch")
     parser.add_argument("run_name", metavar="RUN_NAME", help="name of the run folder under OUTPUT_DIR/runs/")

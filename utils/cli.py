@@ -11,6 +11,13 @@ import sys
 import torch
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class UserError(Exception):
     """A problem the user can fix (bad path, bad dataset, bad value): one line, exit 2."""
 

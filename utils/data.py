@@ -3,7 +3,6 @@
 Model-free: imports no model code. The class order is the one the published thesis code wrote
 into Labels_grayscale, so existing grayscale labels and 8-output weights stay valid.
 """
-import argparse
 import random
 import re
 import shutil
@@ -19,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils.cli import UserError
+from utils.cli import ArgumentParser, UserError
 
 # id, name, colour in Labels_RGB (DESIGN section 3)
 CLASSES = (
@@ -401,7 +400,7 @@ def _prepare(release_dir, out_dir):
     return 0
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m utils.data", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m utils.data", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="per-class table of pixels and images, and any problems")
     check.add_argument("split_dir", metavar="SPLIT_DIR")

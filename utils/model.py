@@ -164,12 +164,13 @@ def sliding_window_logits(model, image, num_classes, tile, stride=None, size=Non
 
 
 def count_macs(model, size=512, device="cpu"):
-    """(MACs, parameters) of one size x size image, via torch-pruning's counter."""
+    """(MACs, parameters) of one size x size image (or a (height, width) one), via torch-pruning's counter."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
-    example = torch.zeros(1, 3, size, size, device=device)
+    height, width = (size, size) if isinstance(size, int) else size
+    example = torch.zeros(1, 3, height, width, device=device)
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)

@@ -3,14 +3,25 @@
 Model-free. Every write goes to a temporary file first and is then moved into place, so an
 interrupted run never leaves half a table behind.
 """
+import math
 import os
 import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from openpyxl import Workbook, load_workbook  # noqa: E402
+from openpyxl.formatting.rule import ColorScaleRule  # noqa: E402
+from openpyxl.styles import Alignment, Font  # noqa: E402
+from openpyxl.utils import get_column_letter  # noqa: E402
+
+from utils.cli import UserError  # noqa: E402
 
 
 def _temporary_beside(path, suffix):
@@ -21,11 +32,21 @@ def _temporary_beside(path, suffix):
     return temporary
 
 
+def _file_mode(path):
+    """The replaced file's permissions, or the umask's for a new file (mkstemp alone would give 0600)."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def replace_atomically(path, write):
     """Call write(temporary_path), then move it over `path`; on failure the old file is untouched."""
     temporary = _temporary_beside(path, os.path.splitext(path)[1])
     try:
         write(temporary)
+        os.chmod(temporary, _file_mode(path))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -57,4 +78,228 @@ def plot_curves(rows, path, class_names=()):
         axis.grid(alpha=0.3)
     figure.tight_layout()
     replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)
+
+
+# --- Excel workbooks --------------------------------------------------------------------------------------
+
+PERCENT_FORMAT = "0.00%"
+_NUMBER_FORMATS = {int: "#,##0", float: "0.0000"}
+_MIN_WIDTH, _MAX_WIDTH = 6, 80
+RESULTS_SHEET = "results"
+
+
+@dataclass
+class Table:
+    """One block of a sheet: a DataFrame with its own title and formats.
+
+    Fractions in `percent_columns` (or, for key/value sheets, in the `value_column` of the rows at the
+    positions in `percent_rows`) are stored as fractions and shown as percentages, so the numbers read
+    back exactly. `color_scale` shades the numeric cells from white (0) to red (1).
+    """
+    frame: pd.DataFrame
+    title: str | None = None
+    percent_columns: tuple = ()
+    percent_rows: tuple = ()
+    value_column: str = "value"
+    index: bool = False
+    color_scale: bool = False
+
+
+def _cell_value(value):
+    """A value openpyxl can store; NaN and None become an empty cell."""
+    if value is None:
+        return None
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return value
+
+
+def _number_format(value, percent):
+    if percent:
+        return PERCENT_FORMAT
+    if isinstance(value, bool):
+        return None
+    return _NUMBER_FORMATS.get(type(value))
+
+
+def _display_width(value, number_format):
+    """Roughly how many characters Excel shows for this cell, for fitting the column."""
+    if value is None:
+        return 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return max(len(line) for line in str(value).splitlines() or [""])
+    if number_format == PERCENT_FORMAT:
+        return len(f"{100 * value:.2f}%")
+    if number_format == "#,##0":
+        return len(f"{value:,.0f}")
+    if number_format == "0.0000":
+        return len(f"{value:.4f}")
+    return max(len(line) for line in str(value).splitlines() or [""])
+
+
+def _write_table(sheet, table, first_row, widths):
+    """Write one Table from `first_row`; returns the next free row (one blank row left after it)."""
+    frame = table.frame.reset_index() if table.index else table.frame
+    row = first_row
+    if table.title:
+        sheet.cell(row=row, column=1, value=table.title).font = Font(bold=True, italic=True)
+        row += 1
+    for column, name in enumerate(frame.columns, start=1):
+        cell = sheet.cell(row=row, column=column, value=str(name))
+        cell.font = Font(bold=True)
+        cell.alignment = Alignment(horizontal="center", wrap_text=False)
+        widths[column] = max(widths.get(column, 0), len(str(name)))
+    header_row = row
+    percent_rows = set(table.percent_rows)
+    for position, values in enumerate(frame.itertuples(index=False)):
+        row += 1
+        for column, (name, raw) in enumerate(zip(frame.columns, values), start=1):
+            value = _cell_value(raw)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            percent = numeric and (name in table.percent_columns or
+                                   (name == table.value_column and position in percent_rows))
+            cell = sheet.cell(row=row, column=column, value=value)
+            number_format = _number_format(value, percent) if numeric else None
+            if number_format:
+                cell.number_format = number_format
+            if table.index and column == 1:
+                cell.font = Font(bold=True)
+            widths[column] = max(widths.get(column, 0), _display_width(value, number_format))
+    if table.color_scale and row > header_row:
+        first_column = 2 if table.index else 1
+        span = (f"{get_column_letter(first_column)}{header_row + 1}:"
+                f"{get_column_letter(len(frame.columns))}{row}")
+        sheet.conditional_formatting.add(span, ColorScaleRule(
+            start_type="num", start_value=0, start_color="FFFFFF", end_type="num", end_value=1,
+            end_color="F8696B"))
+    return row + 2
+
+
+def _fit_columns(sheet, widths):
+    for column, width in widths.items():
+        sheet.column_dimensions[get_column_letter(column)].width = min(_MAX_WIDTH, max(_MIN_WIDTH, width + 2))
+
+
+def write_workbook(path, sheets):
+    """An .xlsx from {sheet name: [Table, ...]}: bold headers, percentages, fitted widths; written atomically."""
+    workbook = Workbook()
+    workbook.remove(workbook.active)
+    for name, tables in sheets.items():
+        sheet = workbook.create_sheet(title=name)
+        widths, row = {}, 1
+        for table in tables:
+            row = _write_table(sheet, table, row, widths)
+        _fit_columns(sheet, widths)
+    replace_atomically(path, workbook.save)
+
+
+# --- the cumulative comparison workbook -----------------------------------------------------------------
+
+@contextmanager
+def _exclusive_lock(path):
+    """Serialise appends from evaluations running side by side (POSIX; a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_results_workbook(path):
+    """The existing comparison workbook and its results sheet, or a UserError that leaves the file alone."""
+    hint = "it was left untouched; close it if Excel has it open, or move it away to start a new one"
+    try:
+        workbook = load_workbook(path)
+    except PermissionError:
+        raise UserError(f"cannot open {path}: permission denied (locked?); {hint}") from None
+    except Exception as error:  # openpyxl reports a damaged file with many exception types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read {path} as an Excel workbook ({reason}); {hint}") from None
+    if RESULTS_SHEET not in workbook.sheetnames:
+        raise UserError(f"{path} has no '{RESULTS_SHEET}' sheet, so it is not a results table; {hint}")
+    return workbook, workbook[RESULTS_SHEET]
+
+
+def check_results_workbook(path):
+    """Refuse early (before a long evaluation) when an existing comparison workbook cannot be appended to."""
+    if os.path.exists(path):
+        _open_results_workbook(path)
+
+
+def append_results_row(path, row, percent_columns=()):
+    """Add one row (a dict) to the comparison workbook, creating it if needed; returns the row count.
+
+    Earlier rows, extra sheets and formatting people added are kept: the workbook is opened, one row is
+    appended (new keys become new columns at the right), and the copy replaces the file atomically. An
+    unreadable or locked workbook raises UserError and is not touched.
+    """
+    with _exclusive_lock(path):
+        if os.path.exists(path):
+            workbook, sheet = _open_results_workbook(path)
+            header = [cell.value for cell in sheet[1]]
+            while header and header[-1] is None:
+                header.pop()
+            new_row = sheet.max_row + 1
+        else:
+            workbook = Workbook()
+            sheet = workbook.active
+            sheet.title = RESULTS_SHEET
+            header, new_row = [], 2
+        for key in row:
+            if key not in header:
+                header.append(key)
+                sheet.cell(row=1, column=len(header), value=key).font = Font(bold=True)
+        for column, key in enumerate(header, start=1):
+            if key in row:
+                value = _cell_value(row[key])
+                cell = sheet.cell(row=new_row, column=column, value=value)
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                number_format = _number_format(value, key in percent_columns) if numeric else None
+                if number_format:
+                    cell.number_format = number_format
+        widths = {}
+        for column, cells in enumerate(sheet.iter_cols(min_row=1, max_row=new_row, max_col=len(header)), start=1):
+            widths[column] = max(_display_width(cell.value, cell.number_format) for cell in cells)
+        _fit_columns(sheet, widths)
+        sheet.freeze_panes = "B2"
+        try:
+            replace_atomically(path, workbook.save)
+        except PermissionError:
+            raise UserError(f"cannot write {path}: permission denied (open in Excel?); the old file is "
+                            f"unchanged, close it and run again") from None
+        return new_row - 1
+
+
+# --- confusion matrix figure ----------------------------------------------------------------------------
+
+def plot_confusion(normalised, class_names, path, title="Confusion matrix"):
+    """A heatmap of a row-normalised confusion matrix: class names, the % in each cell, grey rows for
+    classes absent from the ground truth."""
+    matrix = np.asarray(normalised, dtype=np.float64)
+    size = max(5.0, 0.9 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    colours = plt.get_cmap("Blues").with_extremes(bad="lightgrey")
+    image = axis.imshow(np.ma.masked_invalid(matrix), cmap=colours, vmin=0, vmax=1)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(len(class_names)), class_names)
+    axis.set(xlabel="prediction", ylabel="ground truth", title=f"{title}\n(% of each ground-truth class)")
+    for (i, j), value in np.ndenumerate(matrix):
+        if not np.isnan(value):
+            axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
+                      color="white" if value > 0.5 else "black")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the ground-truth class")
+    figure.tight_layout()
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)

@@ -5,14 +5,13 @@ defect here is drawn with a look of its own and labelled exactly where it was dr
 Output per split: Images/ (RGB PNG), Labels_grayscale/ (class ids) and Labels_RGB/ (class colours),
 files numbered continuously across splits (000.png ...) like the published release.
 """
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils.cli import UserError
+from utils.cli import ArgumentParser, UserError
 from utils.data import CLASS_NAMES, CRACK_ID, GRAY_DIR, IMAGE_DIR, RGB_DIR, encode_rgb_label
 
 MIN_SIZE = 32
@@ -56,7 +55,7 @@ def _concrete(rng, size):
 def _blob(rng, size, grid):
     """An irregular patch: an ellipse whose edge is pushed in and out by smoothed noise."""
     yy, xx = grid
-    a = rng.uniform(0.08, 0.2) * size
+    a = rng.uniform(0.14, 0.28) * size
     b = a * rng.uniform(0.5, 1.0)
     cx, cy = rng.uniform(0.1, 0.9, 2) * size
     angle = rng.uniform(0, math.pi)
@@ -262,7 +261,7 @@ def generate(out_dir, count, size, seed=0, splits=DEFAULT_SPLITS, progress=False
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m utils.synthetic", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m utils.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write train/, val/ and test/ into")
     parser.add_argument("--count", type=int, default=30,
                         help=f"total number of images, split 60/20/20, at least {MIN_COUNT} (default: 30)")

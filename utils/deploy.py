@@ -1,0 +1,274 @@
+"""Deployment: ONNX export checked against PyTorch with onnxruntime, and speed/size measurements of variants.
+
+export.py and benchmark.py are front doors to this module. The exported graph is the inference
+network only: one tensor of main-head logits (no dict, no auxiliary head, no thesis 8th channel),
+so TensorRT's trtexec builds an engine from it directly.
+"""
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import pyplot as plt
+from torch import nn
+from tqdm import tqdm
+
+from utils.checkpoint import load_model
+from utils.cli import UserError
+from utils.evaluation import default_name, strip_aux_head
+from utils.model import count_macs, forward_logits
+from utils.report import replace_atomically, write_csv
+
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+FLOAT32_MAX_DIFF = 1e-3      # acceptance bound for a float32 graph; float16 graphs are judged by argmax only
+MIN_AGREEMENT = {False: 0.999, True: 0.98}  # argmax agreement by --half; float16 rounding flips near-ties
+# The legacy TorchScript exporter works without onnxscript (which the dynamo exporter needs) but warns.
+_EXPORTER_WARNINGS = (".*legacy TorchScript-based ONNX export.*", ".*feature will be removed.*")
+
+
+class LogitsOnly(nn.Module):
+    """The network as deployed: image batch in, main-head logits (N, classes, H, W) out."""
+
+    def __init__(self, model, num_classes):
+        super().__init__()
+        self.model = strip_aux_head(model)
+        self.num_classes = num_classes
+
+    def forward(self, image):
+        return forward_logits(self.model, image, self.num_classes)
+
+
+def model_dtype(model):
+    return next(model.parameters()).dtype
+
+
+def export_onnx(network, path, size=512, batch=1, dynamic=False, opset=17):
+    """Trace a LogitsOnly network into an ONNX file (written atomically) and validate it with onnx.checker.
+
+    dynamic: batch, height and width become free axes (one file for every photo size).
+    """
+    import onnx
+
+    parameter = next(network.parameters())
+    example = torch.randn(batch, 3, size, size, device=parameter.device, dtype=parameter.dtype)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    dynamic_axes = {INPUT_NAME: axes, OUTPUT_NAME: axes} if dynamic else None
+
+    def write(temporary):
+        with warnings.catch_warnings():
+            for message in _EXPORTER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(network.eval(), (example,), temporary, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+        onnx.checker.check_model(temporary)
+
+    replace_atomically(str(path), write)
+    return Path(path)
+
+
+def onnx_session(path, device="cpu"):
+    """An onnxruntime session on the CUDA provider when asked for and present, else the CPU."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def _onnx_input(session, tensor):
+    wanted = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
+    return {INPUT_NAME: tensor.cpu().numpy().astype(wanted)}
+
+
+@torch.no_grad()
+def check_parity(reference, onnx_path, shapes, device="cpu", seed=0):
+    """onnxruntime vs the float32 PyTorch network on random normalised images of each (batch, H, W) shape.
+
+    Returns one dict per shape: max and mean absolute logit difference and the share of pixels whose
+    argmax class agrees.
+    """
+    session = onnx_session(onnx_path, device)
+    generator = torch.Generator().manual_seed(seed)
+    parameter = next(reference.parameters())
+    rows = []
+    for batch, height, width in shapes:
+        image = torch.randn(batch, 3, height, width, generator=generator)
+        expected = reference(image.to(parameter.device, parameter.dtype)).float().cpu().numpy()
+        actual = session.run([OUTPUT_NAME], _onnx_input(session, image))[0].astype(np.float32)
+        if actual.shape != expected.shape:
+            raise RuntimeError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
+        difference = np.abs(actual - expected)
+        rows.append({"shape": f"{batch}x3x{height}x{width}", "max_abs_diff": float(difference.max()),
+                     "mean_abs_diff": float(difference.mean()),
+                     "argmax_agreement": float((actual.argmax(1) == expected.argmax(1)).mean())})
+    return rows
+
+
+def parity_passed(rows, half):
+    """float32: max abs logit difference <= 1e-3 and >= 99.9% argmax agreement; float16: >= 98% agreement."""
+    agreement = min(row["argmax_agreement"] for row in rows) >= MIN_AGREEMENT[half]
+    close = half or max(row["max_abs_diff"] for row in rows) <= FLOAT32_MAX_DIFF
+    return agreement and close
+
+
+def trtexec_command(onnx_path, size, dynamic):
+    """The line that builds a float16 TensorRT engine from the ONNX file on the Jetson itself."""
+    engine = Path(onnx_path).with_suffix(".engine").name
+    command = f"trtexec --onnx={Path(onnx_path).name} --fp16 --saveEngine={engine}"
+    if dynamic:
+        shape = "{}:1x3x{}x{}"
+        command += (f" --minShapes={shape.format(INPUT_NAME, size // 2, size // 2)}"
+                    f" --optShapes={shape.format(INPUT_NAME, size, size)}"
+                    f" --maxShapes={shape.format(INPUT_NAME, 2 * size, 2 * size)}")
+    return command
+
+
+# --- benchmark ---------------------------------------------------------------------------------------------
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(call, runs, warmup, device):
+    """Seconds of each of `runs` calls after `warmup` untimed ones (GPU work waited for)."""
+    for _ in range(warmup):
+        call()
+    _synchronize(device)
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        _synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return np.array(seconds)
+
+
+def latency_row(label, backend, facts, seconds, batch):
+    """One table row: the model's facts and its median / p90 latency per batch."""
+    median = float(np.median(seconds))
+    return {"model": label, "backend": backend, **facts, "median_ms": 1000 * median,
+            "p90_ms": 1000 * float(np.percentile(seconds, 90)), "images_per_s": batch / median}
+
+
+def unique_labels(paths):
+    """Short names for the checkpoints ('demo_best' for runs/demo/best.pth), numbered where they repeat."""
+    labels = [default_name(path) for path in paths]
+    return [f"{label}#{labels[:index].count(label) + 1}" if labels.count(label) > 1 else label
+            for index, label in enumerate(labels)]
+
+
+def benchmark_checkpoint(path, label, size, batch, device, runs, warmup, half=False, channels_last=False,
+                         onnx=False, allow_pickle=False):
+    """Rows (PyTorch, and onnxruntime with onnx=True) of one checkpoint: size, MACs and latency."""
+    model, metadata = load_model(path, device="cpu", allow_pickle=allow_pickle)
+    network = LogitsOnly(model, metadata["num_classes"]).eval()
+    macs, params = count_macs(network, size)
+    dtype = torch.float16 if half else torch.float32
+    facts = {"checkpoint": str(path), "arch": metadata["arch"], "pruned": bool(metadata.get("pruning")),
+             "params_m": params / 1e6, "gmacs": macs / 1e9, "size": size, "batch": batch, "device": str(device),
+             "dtype": str(dtype).replace("torch.", ""), "channels_last": channels_last}
+    network = network.to(device, dtype)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    image = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        rows = [latency_row(label, "pytorch", facts, time_calls(lambda: network(image), runs, warmup, device),
+                            batch)]
+    if onnx:
+        with tempfile.TemporaryDirectory() as folder:
+            onnx_path = export_onnx(network.to(memory_format=torch.contiguous_format), Path(folder) / "model.onnx",
+                                    size, batch)
+            session = onnx_session(onnx_path, device)
+            feed = _onnx_input(session, image)
+            seconds = time_calls(lambda: session.run([OUTPUT_NAME], feed), runs, warmup, torch.device("cpu"))
+        rows.append(latency_row(label, "onnxruntime", facts, seconds, batch))
+    return rows
+
+
+def add_ratios(rows):
+    """Parameters and MACs as fractions of the first row of the same backend, and the speed-up over it."""
+    first = {}
+    for row in rows:
+        base = first.setdefault(row["backend"], row)
+        row["params_ratio"] = row["params_m"] / base["params_m"]
+        row["macs_ratio"] = row["gmacs"] / base["gmacs"]
+        row["speedup"] = base["median_ms"] / row["median_ms"]
+    return rows
+
+
+def run_benchmark(paths, size=512, batch=1, device=torch.device("cpu"), runs=20, warmup=3, half=False,
+                  channels_last=False, onnx=False, allow_pickle=False, progress=True):
+    """Every checkpoint measured in one process, so the numbers are comparable; returns rows with ratios."""
+    if half and device.type != "cuda":
+        raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint not found: {path}")
+    rows = []
+    for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="benchmark", disable=not progress,
+                            dynamic_ncols=True):
+        rows += benchmark_checkpoint(path, label, size, batch, device, runs, warmup, half, channels_last, onnx,
+                                     allow_pickle)
+    return add_ratios(rows)
+
+
+TABLE_COLUMNS = (("model", "model", "{}"), ("backend", "backend", "{}"), ("params_m", "params (M)", "{:.2f}"),
+                 ("gmacs", "GMACs", "{:.2f}"), ("median_ms", "median ms", "{:.1f}"), ("p90_ms", "p90 ms", "{:.1f}"),
+                 ("images_per_s", "images/s", "{:.2f}"), ("params_ratio", "params x", "{:.2f}"),
+                 ("macs_ratio", "MACs x", "{:.2f}"), ("speedup", "speed-up", "{:.2f}"))
+
+
+def format_table(rows):
+    """The rows as an aligned text table, columns as in TABLE_COLUMNS."""
+    cells = [[title for _, title, _ in TABLE_COLUMNS]]
+    cells += [[fmt.format(row[key]) for key, _, fmt in TABLE_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(line, widths))) for line in cells)
+
+
+def plot_latency_vs_macs(rows, path, title=""):
+    """Median latency (bar to p90) against GMACs; the dashed line is latency proportional to MACs
+    from the first model, so a point under it ran faster than its MACs promise."""
+    figure, axis = plt.subplots(figsize=(7, 4.8))
+    for marker, backend in zip("os^", dict.fromkeys(row["backend"] for row in rows)):
+        chosen = [row for row in rows if row["backend"] == backend]
+        gmacs = np.array([row["gmacs"] for row in chosen])
+        median = np.array([row["median_ms"] for row in chosen])
+        p90 = np.array([row["p90_ms"] for row in chosen])
+        points = axis.errorbar(gmacs, median, yerr=[np.zeros_like(median), p90 - median], fmt=marker,
+                               capsize=3, label=backend)
+        top = max(gmacs.max(), 1e-9) * 1.1
+        axis.plot([0, top], [0, top * median[0] / max(gmacs[0], 1e-9)], "--", linewidth=1,
+                  color=points[0].get_color(), alpha=0.6)
+        for row in chosen:
+            axis.annotate(row["model"], (row["gmacs"], row["median_ms"]), textcoords="offset points",
+                          xytext=(5, 4), fontsize=8)
+    axis.set(xlabel="GMACs per image", ylabel="latency per batch (ms, median; bar to p90)", title=title)
+    axis.set_xlim(left=0)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(title="dashed: latency ∝ MACs", fontsize=8, title_fontsize=8)
+    figure.tight_layout()
+    replace_atomically(str(path), lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
+
+
+def write_benchmark(rows, folder, name, title=""):
+    """CSV and plot under `folder`; returns (csv, png, how many existed before)."""
+    csv_path, png_path = Path(folder) / f"{name}.csv", Path(folder) / f"{name}.png"
+    existed = sum(path.exists() for path in (csv_path, png_path))
+    write_csv(rows, str(csv_path))
+    plot_latency_vs_macs(rows, png_path, title)
+    return csv_path, png_path, existed

@@ -1,0 +1,369 @@
+"""test.py's logic: load a checkpoint, score a labelled split, write the workbook and the comparison row.
+
+Every number comes from utils.engine.evaluate's one confusion matrix (and its tolerance counts) through
+utils.metrics; this module only gathers them with the facts a thesis table needs (what was evaluated,
+how big the network is, how fast it ran, on what) and hands them to utils.report.
+"""
+import datetime
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from PIL import Image
+
+from utils import data
+from utils.checkpoint import load_for_inference
+from utils.cli import UserError, require_path, resolve_device
+from utils.distributed import DistContext
+from utils.engine import evaluate
+from utils.model import build, count_macs, count_parameters
+from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
+from utils.training import eval_loader
+
+COMPARISON_WORKBOOK = "model_test_results.xlsx"
+# File stems that say nothing about the model; the default --name then takes the folder name too.
+GENERIC_STEMS = {"best", "last", "model", "checkpoint", "weights", "final"}
+# Facts torchvision_pruning.py stores in a pruned checkpoint, with their summary-sheet labels.
+PRUNING_FACTS = {"pruning_ratio": "pruning ratio (%)", "importance": "pruning importance", "p_value": "pruning p-norm",
+                 "iterative_steps": "pruning steps", "finetune_epochs": "fine-tuning epochs between steps",
+                 "global_pruning": "global pruning", "round_to": "channels rounded to"}
+
+
+@dataclass
+class Outputs:
+    workbook: Path
+    confusion_png: Path
+    predictions: Path
+    comparison: Path
+
+
+def default_name(weights=None, pruned_model=None):
+    """The report name from the weights file: 'r101_l2_50' from r101_l2_50.pth, 'demo_best' from demo/best.pth."""
+    path = Path(weights or pruned_model)
+    if path.stem.lower() in GENERIC_STEMS and path.resolve().parent.name:
+        return f"{path.resolve().parent.name}_{path.stem}"
+    return path.stem
+
+
+def output_paths(output_dir, name):
+    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+        raise UserError(f"--name {name!r} must be a plain file name (no folders)")
+    folder = Path(output_dir) / "test"
+    return Outputs(workbook=folder / f"{name}.xlsx", confusion_png=folder / f"{name}_confusion.png",
+                   predictions=folder / f"{name}_predictions", comparison=Path(output_dir) / COMPARISON_WORKBOOK)
+
+
+def refuse_existing(outputs, overwrite, save_predictions):
+    """Nothing is silently overwritten: an existing report of this name needs --overwrite."""
+    if overwrite:
+        return
+    taken = [path for path in (outputs.workbook, outputs.confusion_png) if path.exists()]
+    if save_predictions and outputs.predictions.is_dir() and any(outputs.predictions.iterdir()):
+        taken.append(outputs.predictions)
+    if taken:
+        raise UserError(f"{taken[0]} already exists; choose another --name, or pass --overwrite to replace it")
+
+
+def strip_aux_head(model):
+    """Drop the auxiliary training head: torchvision still computes it in eval mode, wasting time at test."""
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None
+    return model
+
+
+def _versions(device):
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": np.__version__}
+    try:
+        import torch_pruning
+
+        versions["torch_pruning"] = torch_pruning.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        versions["cuda"] = torch.version.cuda
+        versions["cudnn"] = str(torch.backends.cudnn.version())
+    return versions
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def model_facts(model, metadata, input_size, device):
+    """Parameters and MACs of the network as evaluated, and how it compares with its dense original."""
+    macs, _ = count_macs(model, input_size, device=device)
+    facts = {"params": count_parameters(model), "macs": macs}
+    if metadata.get("pruning") or metadata.get("format") == "pickled_model":
+        dense = strip_aux_head(build(metadata["arch"], metadata["num_outputs"], init="none")).to(device)
+        dense_macs, _ = count_macs(dense, input_size, device=device)
+        facts.update(dense_params=count_parameters(dense), dense_macs=dense_macs)
+        if metadata.get("pruning"):
+            facts["pruning_entries"] = len(metadata["pruning"])
+        facts.update({key: metadata[key] for key in PRUNING_FACTS if metadata.get(key) is not None})
+    return facts
+
+
+def evaluate_split(model, dataset, device, batch_size=1, workers=0, amp=False, tile=None, stride=None,
+                   tolerance_px=4, on_prediction=None, progress=True):
+    """test.py's evaluation loop (also what scripts/benchmark_eval.py times)."""
+    loader = eval_loader(dataset, batch_size, workers, DistContext(device=device))
+    return evaluate(model, loader, device, data.NUM_CLASSES, amp=amp, progress=progress, tile=tile,
+                    stride=stride, per_image=True, tolerance_px=tolerance_px, on_prediction=on_prediction)
+
+
+def _mean_std(values):
+    """nanmean and (population) nanstd, and how many finite values they came from."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    if not finite.size:
+        return float("nan"), float("nan"), 0
+    return float(finite.mean()), float(finite.std()), int(finite.size)
+
+
+def collect_metrics(result, tolerance_px):
+    """Overall metrics as ordered (label, value, is_percent) rows plus the per-class arrays."""
+    try:
+        scores = result.confusion.compute()
+    except ValueError as error:
+        raise UserError(f"nothing to score: {error}") from None
+    lt = result.tolerance.compute()
+    crack = data.CRACK_ID
+    miou_mean, miou_std, miou_n = _mean_std([row["miou"] for row in result.per_image])
+    crack_mean, crack_std, crack_n = _mean_std([row["crack_iou"] for row in result.per_image])
+    rows = [
+        ("pixel accuracy", scores["pixel_accuracy"], True),
+        ("mIoU", scores["mean_iou"], True),
+        ("mIoU without background", scores["mean_iou_no_background"], True),
+        ("mean F1 (Dice)", scores["mean_f1"], True),
+        ("mean precision", scores["mean_precision"], True),
+        ("mean recall", scores["mean_recall"], True),
+        ("frequency-weighted IoU", scores["fw_iou"], True),
+        ("crack IoU", scores["iou"][crack], True),
+        ("crack F1 (Dice)", scores["f1"][crack], True),
+        ("crack precision", scores["precision"][crack], True),
+        ("crack recall", scores["recall"][crack], True),
+        (f"crack ltIoU ({tolerance_px} px tolerance)", lt["lt_iou"], True),
+        (f"crack tolerance F1 ({tolerance_px} px)", lt["lt_f1"], True),
+        (f"crack tolerance precision ({tolerance_px} px)", lt["lt_precision"], True),
+        (f"crack tolerance recall ({tolerance_px} px)", lt["lt_recall"], True),
+        (f"per-image mIoU, mean over {miou_n} images", miou_mean, True),
+        ("per-image mIoU, std (population)", miou_std, True),
+        (f"per-image crack IoU, mean over {crack_n} images (crack in label or prediction)", crack_mean, True),
+        ("per-image crack IoU, std (population)", crack_std, True),
+    ]
+    return rows, scores, lt
+
+
+def timing_rows(result, batch_size):
+    images, model_seconds = result.images, max(result.forward_seconds, 1e-12)
+    return [
+        (f"mean latency per image (ms, batch {batch_size})", 1000 * model_seconds / images, False),
+        ("images per second (model)", images / model_seconds, False),
+        ("images per second (whole loop, with data and metrics)", images / max(result.seconds, 1e-12), False),
+        ("evaluation time (s)", result.seconds, False),
+    ]
+
+
+def _absolute(path):
+    return str(Path(path).resolve())
+
+
+def _size_text(size):
+    return f"{size[1]}x{size[0]}"
+
+
+def summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows, timing, scores):
+    """The summary sheet as (item, value, is_percent) rows, in reading order."""
+    rows = [("name", args.name, False), ("date", datetime.datetime.now().isoformat(timespec="seconds"), False)]
+    if metadata.get("weights_path"):
+        rows += [("weights", _absolute(metadata["weights_path"]), False),
+                 ("pruned architecture from", _absolute(metadata["path"]), False)]
+    else:
+        rows.append(("checkpoint", _absolute(metadata["path"]), False))
+    rows += [("checkpoint format", metadata.get("format"), False), ("arch", metadata["arch"], False),
+             ("classes", ", ".join(data.CLASS_NAMES), False), ("model outputs", metadata["num_outputs"], False),
+             ("params (aux head dropped)", facts["params"], False),
+             (f"MACs per {'tile' if args.tile else 'image'} at {_size_text(input_size)}", facts["macs"], False)]
+    if "pruning_entries" in facts:
+        rows.append(("pruning history entries (channel groups removed)", facts["pruning_entries"], False))
+    if "dense_params" in facts:
+        rows += [("params vs dense", facts["params"] / facts["dense_params"], True),
+                 ("MACs vs dense", facts["macs"] / facts["dense_macs"], True)]
+        rows += [(label, facts[key], False) for key, label in PRUNING_FACTS.items() if key in facts]
+    rows += [("dataset", str(dataset.root.resolve()), False), ("images", len(dataset), False),
+             ("labelled pixels", scores["labelled_pixels"], False),
+             ("evaluation size", f"shorter side {args.eval_size} px" if args.eval_size else "native", False),
+             ("sliding window", f"tile {args.tile}, stride {args.stride or args.tile // 2}" if args.tile else "no",
+              False),
+             ("boundary ignore (px)", args.boundary_ignore, False), ("ltIoU tolerance (px)", args.lt_tolerance, False),
+             ("mixed precision", bool(args.amp), False), ("batch size", args.batch_size, False)]
+    rows += metric_rows + timing
+    rows += [("device", str(device), False), ("device name", device_name(device), False)]
+    rows += [(f"version: {key}", value, False) for key, value in _versions(device).items()]
+    return rows
+
+
+def per_class_frame(scores):
+    total = max(1, int(scores["support_pixels"].sum()))
+    return pd.DataFrame({
+        "id": range(data.NUM_CLASSES), "class": data.CLASS_NAMES, "IoU": scores["iou"],
+        "precision": scores["precision"], "recall": scores["recall"], "F1 (Dice)": scores["f1"],
+        "support pixels": scores["support_pixels"], "pixel share": scores["support_pixels"] / total,
+        "support images": scores["support_images"]})
+
+
+def per_image_frame(result, dataset):
+    return pd.DataFrame({
+        "index": [row["index"] for row in result.per_image],
+        "image": [dataset.samples[row["index"]].image.name for row in result.per_image],
+        "mIoU (per image)": [row["miou"] for row in result.per_image],
+        "crack IoU (per image)": [row["crack_iou"] for row in result.per_image]})
+
+
+def confusion_frames(matrix):
+    counts = pd.DataFrame(matrix, index=pd.Index(data.CLASS_NAMES, name="ground truth \\ prediction"),
+                          columns=data.CLASS_NAMES)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalised = matrix / matrix.sum(axis=1, keepdims=True)
+    return counts, pd.DataFrame(normalised, index=counts.index, columns=data.CLASS_NAMES)
+
+
+def write_reports(outputs, name, summary, per_class, per_image, counts, normalised):
+    percent_rows = tuple(i for i, (_, _, percent) in enumerate(summary) if percent)
+    summary_frame = pd.DataFrame([(item, value) for item, value, _ in summary], columns=["item", "value"])
+    write_workbook(outputs.workbook, {
+        "summary": [Table(summary_frame, percent_rows=percent_rows)],
+        "per_class": [Table(per_class, percent_columns=("IoU", "precision", "recall", "F1 (Dice)", "pixel share"))],
+        "per_image": [Table(per_image, percent_columns=("mIoU (per image)", "crack IoU (per image)"))],
+        "confusion_matrix": [
+            Table(counts, title="pixel counts (rows: ground truth, columns: prediction)", index=True),
+            Table(normalised, title="row-normalised: share of each ground-truth class", index=True,
+                  percent_columns=data.CLASS_NAMES, color_scale=True)],
+    })
+    plot_confusion(normalised.to_numpy(), data.CLASS_NAMES, outputs.confusion_png, title=f"{name}: confusion matrix")
+
+
+def comparison_row(args, metadata, facts, input_size, device, result, scores, lt):
+    """One line of results/model_test_results.xlsx, so pruned variants sit side by side."""
+    row = {"name": args.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "checkpoint": _absolute(metadata.get("weights_path", metadata["path"])),
+           "pruned architecture from": _absolute(metadata["path"]) if metadata.get("weights_path") else None,
+           "arch": metadata["arch"], "dataset": str(Path(args.test_dir).resolve()),
+           "images": result.images, "params": facts["params"], "MACs": facts["macs"],
+           "input size": _size_text(input_size), "mIoU": scores["mean_iou"],
+           "mIoU without background": scores["mean_iou_no_background"],
+           "crack IoU": scores["iou"][data.CRACK_ID], "crack F1": scores["f1"][data.CRACK_ID],
+           "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": args.lt_tolerance,
+           "pixel accuracy": scores["pixel_accuracy"]}
+    row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(data.CLASS_NAMES)})
+    row.update({"latency (ms)": 1000 * result.forward_seconds / result.images,
+                "images/s": result.images / max(result.forward_seconds, 1e-12), "device": device_name(device)})
+    return row
+
+
+COMPARISON_PERCENT = ("mIoU", "mIoU without background", "crack IoU", "crack F1", "ltIoU", "tolerance F1",
+                      "pixel accuracy", *(f"IoU {name}" for name in data.CLASS_NAMES))
+
+
+class PredictionWriter:
+    """Saves each predicted mask as a grayscale class-id PNG named like its image, in a folder that only
+    replaces the old one once the evaluation has finished."""
+
+    def __init__(self, dataset, folder):
+        self.dataset, self.folder = dataset, Path(folder)
+        self.partial = self.folder.with_name(f".{self.folder.name}.partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+
+    def __call__(self, index, prediction):
+        mask = prediction.to(torch.uint8).cpu().numpy()
+        Image.fromarray(mask).save(self.partial / f"{self.dataset.samples[index].name}.png")
+
+    def discard(self):
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def finish(self):
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        os.replace(self.partial, self.folder)
+
+
+def format_summary(summary, per_class):
+    """The table printed at the end: per-class scores, then every overall number."""
+    lines = [f"{'class':<15}{'IoU':>9}{'precision':>11}{'recall':>9}{'F1':>9}{'pixels':>14}{'images':>8}"]
+
+    def percent(value):
+        return "     n/a" if np.isnan(value) else f"{100 * value:7.2f}%"
+
+    for row in per_class.to_dict("records"):
+        lines.append(f"{row['class']:<15}{percent(row['IoU']):>9}{percent(row['precision']):>11}"
+                     f"{percent(row['recall']):>9}{percent(row['F1 (Dice)']):>9}{row['support pixels']:>14,d}"
+                     f"{row['support images']:>8d}")
+    lines.append("")
+    shown = [row for row in summary if row[0] != "classes" and not row[0].startswith("version:")]
+    width = max(len(item) for item, _, _ in shown)
+    for item, value, is_percent in shown:
+        if is_percent:
+            text = percent(value).strip()
+        elif isinstance(value, float):
+            text = f"{value:,.2f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,d}"
+        else:
+            text = str(value)
+        lines.append(f"{item:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def run(args):
+    """test.py: evaluate one checkpoint on one labelled split and write its reports."""
+    device = resolve_device(args.device)
+    args.name = args.name or default_name(args.weights, args.pruned_model)
+    outputs = output_paths(args.output_dir, args.name)
+    refuse_existing(outputs, args.overwrite, args.save_predictions)
+    check_results_workbook(outputs.comparison)
+    require_path(args.test_dir, "test folder", "dir")
+    dataset = data.S2DSDataset(args.test_dir, data.EvalTransform(args.eval_size), require_labels=True,
+                               boundary_px=args.boundary_ignore)
+    model, metadata = load_for_inference(args.weights, args.pruned_model, args.use_pruned, device,
+                                         args.allow_pickle)
+    model = strip_aux_head(model)
+    input_size = (args.tile, args.tile) if args.tile else tuple(dataset[0][0].shape[-2:])
+    facts = model_facts(model, metadata, input_size, device)
+    writer = PredictionWriter(dataset, outputs.predictions) if args.save_predictions else None
+    print(f"evaluating {metadata['arch']} from {metadata['path']} on {dataset.root} ({len(dataset)} images, "
+          f"{device_name(device)})", flush=True)
+    try:
+        result = evaluate_split(model, dataset, device, args.batch_size, args.workers, args.amp, args.tile,
+                                args.stride, args.lt_tolerance, on_prediction=writer, progress=True)
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
+    summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,
+                           timing_rows(result, args.batch_size), scores)
+    per_class = per_class_frame(scores)
+    counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy())
+    write_reports(outputs, args.name, summary, per_class, per_image_frame(result, dataset), counts, normalised)
+    if writer is not None:
+        writer.finish()
+    try:
+        runs = append_results_row(outputs.comparison, comparison_row(args, metadata, facts, input_size, device,
+                                                                     result, scores, lt), COMPARISON_PERCENT)
+    except UserError as error:
+        raise UserError(f"{error} ({outputs.workbook} was written; rerun with --overwrite to add its row)") from None
+    print(format_summary(summary, per_class))
+    print(f"\nwrote {outputs.workbook} and {outputs.confusion_png.name}"
+          + (f", predictions in {outputs.predictions}/" if writer else "")
+          + f"; {outputs.comparison} now holds {runs} run(s)", flush=True)
+    return result

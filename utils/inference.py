@@ -1,0 +1,255 @@
+"""inference.py's logic: find the photos, predict each at its full size (tiled when large), write or show outputs.
+
+Every prediction has the photo's own height and width: small photos go through the network whole,
+photos whose longer side exceeds --max_size (or every photo, when --tile is given) go through
+sliding_window_logits, whose accumulator lives on the CPU so a 6000x4000 px photo fits a Jetson.
+"""
+import glob
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import pyplot as plt
+from PIL import Image
+from tqdm import tqdm
+
+from utils.checkpoint import load_for_inference
+from utils.cli import UserError, require_path, resolve_device
+from utils.data import IMAGE_EXTENSIONS, MEAN, STD, encode_rgb_label, image_size, list_images, read_image
+from utils.evaluation import strip_aux_head
+from utils.model import forward_logits, sliding_window_logits
+from utils.report import replace_atomically
+from utils.visualize import (class_shares, format_share, has_display, overlay_figure, save_figure,
+                             side_by_side_figure, use_window_backend)
+
+MODES = ("side_by_side", "overlay", "save_mask")
+FIGURE_MODES = ("side_by_side", "overlay")
+DEFAULT_TILE = 512
+DEFAULT_MAX_SIZE = 1024
+OUTPUT_FOLDER = "inference"
+
+
+def parse_modes(values):
+    """--mode values, also accepting 'side-by-side' and any case; an unknown one is a one-line error."""
+    modes = []
+    for value in values:
+        mode = value.strip().lower().replace("-", "_")
+        if mode not in MODES:
+            raise UserError(f"unknown --mode {value!r}; choose from {', '.join(MODES)}")
+        if mode not in modes:
+            modes.append(mode)
+    return modes
+
+
+def find_images(spec):
+    """The photos named by --image: one file, every image in a folder (not recursive), or a glob pattern."""
+    if any(char in spec for char in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise UserError(f"no file matches --image {spec!r}")
+        images = [p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise UserError(f"--image {spec!r} matches {len(matches)} file(s) but no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+        return images
+    path = Path(require_path(spec, "image"))
+    if path.is_dir():
+        images = list_images(path)
+        if not images:
+            raise UserError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            f"point --image at a file, a folder of photos or a pattern like 'photos/*.jpg'")
+        return images
+    return [path]
+
+
+def output_paths(output_dir, image_path, modes):
+    """{mode: [paths]} under OUTPUT_DIR/inference/: <stem>_<mode>.png, and for save_mask the two masks."""
+    folder = Path(output_dir) / OUTPUT_FOLDER
+    stem = image_path.stem
+    paths = {}
+    for mode in modes:
+        if mode == "save_mask":
+            paths[mode] = [folder / f"{stem}_mask.png", folder / f"{stem}_mask_rgb.png"]
+        else:
+            paths[mode] = [folder / f"{stem}_{mode}.png"]
+    return paths
+
+
+def plan_outputs(images, output_dir, modes, write_figures):
+    """{mode: paths to write} per image (none for figures only shown), refusing a run that would
+    write over an input image or write one file twice."""
+    inputs = {p.resolve() for p in images}
+    owner = {}
+    plans = []
+    for image in images:
+        plan = output_paths(output_dir, image, modes)
+        for mode, paths in plan.items():
+            if mode in FIGURE_MODES and not write_figures:
+                plan[mode] = []
+            for path in plan[mode]:
+                resolved = path.resolve()
+                if resolved in inputs:
+                    raise UserError(f"writing {path} would overwrite the input image; choose another --output_dir")
+                if resolved in owner:
+                    raise UserError(f"{owner[resolved]} and {image} would both write {path}; run them "
+                                    f"separately with different --output_dir")
+                owner[resolved] = image
+        plans.append(plan)
+    return plans
+
+
+def check_images(images):
+    """Read every header before loading the model, so a bad file stops the run before any work."""
+    return [image_size(path) for path in images]
+
+
+def to_batch(image, device, dtype):
+    """(H,W,3) uint8 -> normalised (1,3,H,W) tensor, as in training's EvalTransform."""
+    tensor = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].to(torch.float32) / 255.0
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return ((tensor - mean) / std).to(dtype)
+
+
+def uses_tiles(height, width, tile, max_size):
+    """Tiles when --tile was given, or automatically when the longer side exceeds --max_size."""
+    return tile is not None or max(height, width) > max_size
+
+
+def tile_count(height, width, tile, stride):
+    """How many windows sliding_window_logits runs over an image (for the progress bar)."""
+    def along(length):
+        return 1 if length <= tile else math.ceil((length - tile) / stride) + 1
+    return along(height) * along(width)
+
+
+@torch.no_grad()
+def predict(model, image, num_classes, device, tile=None, stride=None, max_size=DEFAULT_MAX_SIZE,
+            dtype=torch.float32, progress=False):
+    """Class ids (H,W uint8) of an (H,W,3) uint8 photo at its own size; whole or tiled (see uses_tiles)."""
+    height, width = image.shape[:2]
+    batch = to_batch(image, device, dtype)
+    if not uses_tiles(height, width, tile, max_size):
+        return forward_logits(model, batch, num_classes, size=(height, width)).argmax(1)[0].byte().cpu().numpy()
+    tile = tile or DEFAULT_TILE
+    stride = stride or tile // 2
+    bar = tqdm(total=tile_count(height, width, tile, stride), desc="tiles", unit="tile", leave=False,
+               disable=not progress, dynamic_ncols=True)
+
+    def count_tile(*_):  # a forward hook's return value would replace the output: return None
+        bar.update()
+
+    hook = model.register_forward_hook(count_tile)
+    try:
+        logits = sliding_window_logits(model, batch, num_classes, tile, stride, size=(height, width))
+    finally:
+        hook.remove()
+        bar.close()
+    return logits.argmax(1)[0].byte().numpy()
+
+
+def save_png(array, path):
+    """A uint8 array (H,W class ids or H,W,3 colours) as a lossless PNG, atomically."""
+    replace_atomically(str(path), lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
+
+
+def check_args(args):
+    """Value checks argparse cannot do; each failure is one line and exit status 2."""
+    args.mode = parse_modes(args.mode)
+    if args.use_pruned and not args.pruned_model:
+        raise UserError("--use_pruned needs --pruned_model P.pth (the pruned architecture)")
+    if not args.state_dict and not args.pruned_model:
+        raise UserError("no model given: pass --state_dict W.pth (and/or --pruned_model P.pth)")
+    if args.tile is not None and args.tile < 32:
+        raise UserError(f"--tile must be at least 32 px, got {args.tile}")
+    if args.stride is not None and not 0 < args.stride <= (args.tile or DEFAULT_TILE):
+        raise UserError(f"--stride must be between 1 and the tile side ({args.tile or DEFAULT_TILE} px)")
+    if args.max_size < 32:
+        raise UserError(f"--max_size must be at least 32 px, got {args.max_size}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be between 0 and 1, got {args.alpha}")
+
+
+def display_plan(args):
+    """Whether figures are shown in a window; refuses a run whose figures would go nowhere."""
+    figures = any(mode in FIGURE_MODES for mode in args.mode)
+    show = (not args.save_figure) if args.show is None else args.show
+    if not figures or not show:
+        return False
+    if not has_display():
+        raise UserError("no display to show the figures on (over SSH?): add --save_figure to write them to "
+                        f"{Path(args.output_dir) / OUTPUT_FOLDER}/")
+    use_window_backend()
+    return True
+
+
+def load_network(args, device):
+    """The network in eval mode (aux head dropped), its metadata and its compute dtype."""
+    if args.half and device.type != "cuda":
+        raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half (float32 is used)")
+    model, metadata = load_for_inference(args.state_dict, args.pruned_model, args.use_pruned, device,
+                                         args.allow_pickle)
+    strip_aux_head(model)
+    dtype = torch.float16 if args.half else torch.float32
+    return model.to(dtype), metadata, dtype
+
+
+def describe_model(metadata, device, dtype):
+    kind = "pruned " if metadata.get("pruning") else ""
+    return f"{kind}{metadata['arch']} from {metadata['path']} on {device} ({str(dtype).replace('torch.', '')})"
+
+
+def write_outputs(image_path, image, ids, plan, alpha, title, show):
+    """Save (and/or show) one photo's outputs; returns the paths written."""
+    written = []
+    for mode, paths in plan.items():
+        if mode == "save_mask":
+            save_png(ids, paths[0])
+            save_png(encode_rgb_label(ids), paths[1])
+            written += paths
+            continue
+        figure = overlay_figure(image, ids, alpha) if mode == "overlay" else side_by_side_figure(image, ids, title)
+        if paths:
+            save_figure(figure, paths[0])
+            written += paths
+        if show:
+            figure.canvas.manager.set_window_title(f"{image_path.name} ({mode})")
+            plt.show()
+        plt.close(figure)
+    return written
+
+
+def run(args):
+    """The whole inference run; prints the model, then one line per photo with its time and classes."""
+    check_args(args)
+    images = find_images(args.image)
+    plans = plan_outputs(images, args.output_dir, args.mode, args.save_figure)
+    sizes = check_images(images)
+    show = display_plan(args)
+    device = resolve_device(args.device)
+    model, metadata, dtype = load_network(args, device)
+    num_classes = metadata["num_classes"]
+    print(f"model: {describe_model(metadata, device, dtype)}")
+    planned = [path for plan in plans for paths in plan.values() for path in paths]
+    existing = sum(path.exists() for path in planned)
+    written = []
+    progress = len(images) > 1
+    for image_path, (width, height), plan in tqdm(list(zip(images, sizes, plans)), desc="images",
+                                                  disable=not progress, dynamic_ncols=True):
+        image = read_image(image_path)
+        tiled = uses_tiles(height, width, args.tile, args.max_size)
+        started = time.perf_counter()
+        ids = predict(model, image, num_classes, device, args.tile, args.stride, args.max_size, dtype,
+                      progress=tiled)
+        seconds = time.perf_counter() - started
+        found = ", ".join(f"{name} {format_share(share)}" for _, name, share in class_shares(ids))
+        how = f"tiled {args.tile or DEFAULT_TILE} px" if tiled else "whole"
+        tqdm.write(f"{image_path.name}: {width}x{height} px, {how}, {seconds:.2f} s; classes: {found}")
+        title = f"{image_path.name} · {metadata['arch']} · {width}x{height} px"
+        written += write_outputs(image_path, image, ids, plan, args.alpha, title, show)
+    if written:
+        folder = Path(args.output_dir) / OUTPUT_FOLDER
+        replaced = f" ({existing} replaced earlier outputs of the same name)" if existing else ""
+        print(f"wrote {len(written)} file(s) to {folder}/{replaced}")

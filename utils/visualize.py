@@ -1,0 +1,108 @@
+"""Figures of a prediction for inspection reports: the palette overlay, the side-by-side view, their legend.
+
+Colours are the Labels_RGB palette of utils.data, so a figure reads like the dataset's own labels.
+Pyplot's backend is the caller's choice (Agg unless inference.py --show asks for a window).
+"""
+import os
+import sys
+
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.patches import Patch
+
+from utils.cli import UserError
+from utils.data import BACKGROUND_ID, CLASS_NAMES, NUM_CLASSES, PALETTE, encode_rgb_label
+from utils.report import replace_atomically
+
+DPI = 128  # a power of two: width_px / DPI * DPI is exact, so Agg's int() gives exactly the size asked for
+PANEL_PX = 768
+LEGEND_PX = 112
+GUI_BACKENDS = ("MacOSX", "QtAgg", "GTK4Agg", "GTK3Agg", "TkAgg", "WXAgg")
+
+
+def blend(image, ids, alpha=0.5):
+    """The photo with each defect pixel tinted by its class colour; background pixels stay untouched."""
+    colours = encode_rgb_label(ids).astype(np.float32)
+    tinted = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    defect = (ids != BACKGROUND_ID) & (ids < NUM_CLASSES)
+    return np.where(defect[..., None], tinted, image).round().astype(np.uint8)
+
+
+def class_shares(ids):
+    """[(class id, name, share of pixels)] for the classes present, in class-table order."""
+    counts = np.bincount(ids.ravel(), minlength=256)[:NUM_CLASSES]
+    total = max(1, ids.size)
+    return [(class_id, CLASS_NAMES[class_id], counts[class_id] / total)
+            for class_id in range(NUM_CLASSES) if counts[class_id]]
+
+
+def format_share(share):
+    """A percentage that never shows a present class as 0.00%."""
+    return "<0.01%" if 0 < share < 1e-4 else f"{100 * share:.2f}%"
+
+
+def legend_handles(shares):
+    """Colour patches labelled 'crack 0.42%' (outlined, so white crack and black background show)."""
+    return [Patch(facecolor=PALETTE[class_id] / 255.0, edgecolor="0.4", label=f"{name} {format_share(share)}")
+            for class_id, name, share in shares]
+
+
+def overlay_figure(image, ids, alpha=0.5):
+    """The blended photo at its own pixel size (the PNG is W x H px), legend in a corner."""
+    height, width = ids.shape
+    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    axis = figure.add_axes((0, 0, 1, 1))
+    axis.imshow(blend(image, ids, alpha), interpolation="nearest")
+    axis.set_axis_off()
+    font_px = float(np.clip(min(height, width) / 35, 8, 40))
+    axis.legend(handles=legend_handles(class_shares(ids)), loc="lower right", framealpha=0.75,
+                fontsize=font_px * 72 / DPI, handlelength=1.2, borderaxespad=0.3)
+    return figure
+
+
+def side_by_side_size(height, width):
+    """(width, height) in px of the side-by-side PNG: two PANEL_PX-wide panels, a legend strip below."""
+    return 2 * PANEL_PX, max(1, round(PANEL_PX * height / width)) + LEGEND_PX
+
+
+def side_by_side_figure(image, ids, title=""):
+    """Photo | colour mask with a shared legend of the classes present and their share of pixels."""
+    width_px, height_px = side_by_side_size(*ids.shape)
+    figure = plt.figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    bottom = LEGEND_PX / height_px
+    for index, (picture, label) in enumerate(((image, "photo"), (encode_rgb_label(ids), "prediction"))):
+        axis = figure.add_axes((index / 2 + 0.005, bottom, 0.49, 1 - bottom - 0.005))
+        axis.imshow(picture, interpolation="nearest")
+        axis.set_axis_off()
+        axis.text(0.01, 0.99, label, transform=axis.transAxes, va="top", ha="left", fontsize=9,
+                  bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    shares = class_shares(ids)
+    figure.legend(handles=legend_handles(shares), loc="lower center", ncol=min(4, max(1, len(shares))),
+                  fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.0), title=title or None,
+                  title_fontsize=9)
+    return figure
+
+
+def save_figure(figure, path):
+    """Write a figure as PNG atomically at its own size (no tight bounding box); the caller closes it."""
+    dpi = figure.get_dpi()
+    replace_atomically(str(path), lambda temporary: figure.savefig(temporary, dpi=dpi, format="png"))
+
+
+def has_display():
+    """Whether a window can open: always on macOS/Windows, on Linux only with an X11 or Wayland display."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def use_window_backend():
+    """Switch pyplot from Agg to the first GUI backend that loads; a clear error when none does."""
+    for name in GUI_BACKENDS:
+        try:
+            plt.switch_backend(name)
+            return name
+        except (ImportError, RuntimeError, ValueError):
+            continue
+    raise UserError("--show found no GUI toolkit for matplotlib (install tkinter or PyQt); "
+                    "use --save_figure to write the figures instead")
