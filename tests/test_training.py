@@ -133,7 +133,7 @@ def test_bad_datasets_give_one_line(tmp_path, problem, fragment):
 
 
 def test_torchrun_two_cpu_processes_write_one_set_of_outputs(dataset_dir, tmp_path):
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "train.py", *train_args(dataset_dir, tmp_path, "ddp", *MOBILE, "--epochs", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"

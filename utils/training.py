@@ -164,7 +164,8 @@ def _run(args, context):
     criterion = make_criterion(args.loss, train_set, main).to(device)
     model.to(device)
     if context.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":  # SyncBatchNorm has no CPU kernels; gloo runs keep per-process statistics
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     loader = train_loader(train_set, args.batch_size, args.workers, args.seed, context)
