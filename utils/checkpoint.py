@@ -6,12 +6,12 @@ possibly with an 8th "boundary" output) and, only behind --allow_pickle, a whole
 import os
 import pickle
 import re
-import tempfile
 
 import torch
 
 from utils.cli import UserError
 from utils.data import CLASS_NAMES, NUM_CLASSES
+from utils.files import replace_atomically
 from utils.model import ARCHS, build, has_aux
 
 FORMAT = "cracksense-checkpoint"
@@ -19,18 +19,8 @@ VERSION = 1
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """torch.save through a temporary file beside `path`, then os.replace."""
+    replace_atomically(str(path), lambda temporary: torch.save(obj, temporary))
 
 
 def unwrap(model):

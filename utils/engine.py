@@ -136,7 +136,7 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, prog
             forward_started = time.perf_counter()
             with autocast(device, amp):
                 logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], tile, stride)
-            prediction = logits.argmax(dim=1)
+            prediction = logits.max(dim=1).indices  # same as argmax, several times faster on CPU
             _synchronize(device)
             forward_seconds += time.perf_counter() - forward_started
             confusion.update(batch_masks, prediction)

@@ -345,18 +345,18 @@ def run(args):
     try:
         result = evaluate_split(model, dataset, device, args.batch_size, args.workers, args.amp, args.tile,
                                 args.stride, args.lt_tolerance, on_prediction=writer, progress=True)
+        metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
+        summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,
+                               timing_rows(result, args.batch_size), scores)
+        per_class = per_class_frame(scores)
+        counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy())
+        write_reports(outputs, args.name, summary, per_class, per_image_frame(result, dataset), counts, normalised)
+        if writer is not None:
+            writer.finish()
     except BaseException:
         if writer is not None:
-            writer.discard()
+            writer.discard()  # a failed run leaves the earlier predictions as they were
         raise
-    metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
-    summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,
-                           timing_rows(result, args.batch_size), scores)
-    per_class = per_class_frame(scores)
-    counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy())
-    write_reports(outputs, args.name, summary, per_class, per_image_frame(result, dataset), counts, normalised)
-    if writer is not None:
-        writer.finish()
     try:
         runs = append_results_row(outputs.comparison, comparison_row(args, metadata, facts, input_size, device,
                                                                      result, scores, lt), COMPARISON_PERCENT)

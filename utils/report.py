@@ -5,8 +5,6 @@ interrupted run never leaves half a table behind.
 """
 import math
 import os
-import tempfile
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,35 +20,7 @@ from openpyxl.styles import Alignment, Font  # noqa: E402
 from openpyxl.utils import get_column_letter  # noqa: E402
 
 from utils.cli import UserError  # noqa: E402
-
-
-def _temporary_beside(path, suffix):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-    os.close(handle)
-    return temporary
-
-
-def _file_mode(path):
-    """The replaced file's permissions, or the umask's for a new file (mkstemp alone would give 0600)."""
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def replace_atomically(path, write):
-    """Call write(temporary_path), then move it over `path`; on failure the old file is untouched."""
-    temporary = _temporary_beside(path, os.path.splitext(path)[1])
-    try:
-        write(temporary)
-        os.chmod(temporary, _file_mode(path))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+from utils.files import replace_atomically  # noqa: E402
 
 
 def write_csv(rows, path):
@@ -208,8 +178,9 @@ def _exclusive_lock(path):
     except ImportError:
         yield
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock"), "a") as handle:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f".{os.path.basename(path)}.lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

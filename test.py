@@ -1,0 +1,88 @@
+"""Evaluate a checkpoint on a labelled S2DS-format split and write an Excel report.
+
+    python test.py TEST_DIR --weights W.pth
+    python test.py TEST_DIR --weights W.pth --pruned_model P.pth --use_pruned
+
+Scores the whole split at each label's own resolution from one confusion matrix: per class IoU,
+precision, recall, F1 (= Dice), support; pixel accuracy, mIoU (with and without background), mean
+F1, frequency-weighted IoU; crack ltIoU and tolerance F1 on thinned lines; per-image mIoU and crack
+IoU (mean and std); latency. Writes OUTPUT_DIR/test/NAME.xlsx and NAME_confusion.png, and appends one
+row to OUTPUT_DIR/model_test_results.xlsx so variants (e.g. pruned ones) sit side by side.
+"""
+import argparse
+
+from utils.cli import ArgumentParser, UserError, add_bool, run_main
+from utils.evaluation import run
+
+
+def get_args_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("test_dir", metavar="TEST_DIR",
+                        help="split to score (Images/ + Labels_grayscale/ or Labels_RGB/)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", metavar="W.pth",
+                       help="checkpoint or plain state_dict (thesis 8-output files too); alone when it "
+                            "describes itself")
+    model.add_argument("--pruned_model", metavar="P.pth",
+                       help="pruned network whose architecture holds --weights (or, alone, is evaluated)")
+    add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
+    add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_size", type=int, default=None,
+                            help="resize images to this shorter side before the network; predictions are "
+                                 "scored at the label's resolution (default: native resolution)")
+    evaluation.add_argument("--tile", type=int, default=None,
+                            help="sliding-window evaluation with tiles of this side in px, for large images")
+    evaluation.add_argument("--stride", type=int, default=None, help="tile stride in px (default: tile / 2)")
+    evaluation.add_argument("--boundary_ignore", type=int, default=0, metavar="PX",
+                            help="ignore a band of PX px around areal defects (not cracks), as the S2DS "
+                                 "authors do (default: %(default)s)")
+    evaluation.add_argument("--lt_tolerance", type=int, default=4, metavar="PX",
+                            help="tolerance in px of the crack ltIoU / tolerance F1 (default: %(default)s)")
+    evaluation.add_argument("--batch_size", type=int, default=1,
+                            help="images per forward; 1 gives the per-image latency (default: %(default)s)")
+    add_bool(evaluation, "--amp", False, "mixed precision (float16 on CUDA, bfloat16 on CPU)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--name", default=None,
+                        help="report name (default: the weights file's stem; its folder too for best/last.pth)")
+    add_bool(output, "--save_predictions", False,
+             "save each prediction as a grayscale class-id PNG under OUTPUT_DIR/test/NAME_predictions/")
+    add_bool(output, "--overwrite", False, "replace an existing report of the same --name")
+    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
+    return parser
+
+
+def check_args(args):
+    """Value checks argparse cannot do; each failure is one line and exit status 2."""
+    if args.use_pruned and not args.pruned_model:
+        raise UserError("--use_pruned needs --pruned_model P.pth (the pruned architecture)")
+    if not args.weights and not args.pruned_model:
+        raise UserError("no model given: pass --weights W.pth (and/or --pruned_model P.pth)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    for option in ("eval_size", "tile"):
+        value = getattr(args, option)
+        if value is not None and value < 8:
+            raise UserError(f"--{option} must be at least 8 px, got {value}")
+    if args.stride is not None and (args.tile is None or not 0 < args.stride <= args.tile):
+        raise UserError("--stride needs --tile and must be between 1 and --tile")
+    for option in ("workers", "boundary_ignore", "lt_tolerance"):
+        if getattr(args, option) < 0:
+            raise UserError(f"--{option} cannot be negative, got {getattr(args, option)}")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,136 @@
+"""utils.report's workbooks: formatting, exact read-back, and an append that never loses rows."""
+import multiprocessing
+import os
+import stat
+
+import numpy as np
+import pandas as pd
+import pytest
+from openpyxl import load_workbook
+from PIL import Image
+
+from utils import report
+from utils.cli import UserError
+from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
+
+NAN = float("nan")
+
+
+def test_workbook_reads_back_exactly_with_formats(tmp_path):
+    path = tmp_path / "book.xlsx"
+    scores = pd.DataFrame({"class": ["background", "a_long_class_name_here"], "IoU": [0.123456789, NAN],
+                           "pixels": [1234567, 0]})
+    summary = pd.DataFrame({"item": ["name", "mIoU", "images"], "value": ["run", 2 / 3, 12]})
+    matrix = pd.DataFrame([[0.9, 0.1], [NAN, NAN]], index=pd.Index(["a", "b"], name="gt"), columns=["a", "b"])
+    write_workbook(path, {"summary": [Table(summary, percent_rows=(1,))],
+                          "scores": [Table(scores, percent_columns=("IoU",))],
+                          "matrix": [Table(matrix, title="first", index=True),
+                                     Table(matrix, title="second", index=True, percent_columns=("a", "b"),
+                                           color_scale=True)]})
+    back = pd.read_excel(path, sheet_name=None)
+    assert list(back) == ["summary", "scores", "matrix"]
+    assert back["scores"]["IoU"][0] == 0.123456789 and np.isnan(back["scores"]["IoU"][1])  # NaN: empty cell
+    assert back["summary"]["value"].tolist() == ["run", 2 / 3, 12]
+    second = pd.read_excel(path, sheet_name="matrix", skiprows=6, nrows=2, index_col=0)
+    np.testing.assert_array_equal(second.to_numpy(float), matrix.to_numpy(), strict=False)
+
+    book = load_workbook(path)
+    sheet = book["scores"]
+    assert [cell.font.bold for cell in sheet[1]] == [True, True, True]
+    assert sheet["B2"].number_format == "0.00%" and sheet["C2"].number_format == "#,##0"
+    assert sheet.column_dimensions["A"].width >= len("a_long_class_name_here")
+    assert book["summary"]["B3"].number_format == "0.00%" and book["summary"]["B4"].number_format == "#,##0"
+    assert book["matrix"]["A1"].value == "first" and book["matrix"]["A1"].font.bold
+    rules = book["matrix"].conditional_formatting
+    assert len(rules) == 1 and str(next(iter(rules)).sqref) == "B8:C9"  # title row 6, header row 7
+
+
+def test_append_creates_then_adds_rows_and_keeps_what_people_added(tmp_path):
+    path = tmp_path / "results" / "model_test_results.xlsx"
+    assert append_results_row(path, {"name": "dense", "mIoU": 0.5, "params": 100}, ("mIoU",)) == 1
+    book = load_workbook(path)
+    book.create_sheet("my notes")["A1"] = "keep me"
+    book["results"]["H1"] = None  # an empty cell at the right of the header must not become a column
+    book.save(path)
+    assert append_results_row(path, {"name": "pruned", "mIoU": 0.4, "params": 50, "latency (ms)": 3.5},
+                              ("mIoU",)) == 2
+    rows = pd.read_excel(path, sheet_name="results")
+    assert rows["name"].tolist() == ["dense", "pruned"]
+    assert rows["mIoU"].tolist() == [0.5, 0.4]
+    assert rows.columns.tolist() == ["name", "mIoU", "params", "latency (ms)"]
+    assert np.isnan(rows["latency (ms)"][0])
+    book = load_workbook(path)
+    assert book["my notes"]["A1"].value == "keep me"
+    assert book["results"]["B3"].number_format == "0.00%" and book["results"]["A1"].font.bold
+
+
+@pytest.mark.parametrize("content", [b"not a workbook", b"PK\x03\x04 truncated zip"])
+def test_unreadable_workbook_is_refused_and_survives(tmp_path, content):
+    path = tmp_path / "model_test_results.xlsx"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="untouched"):
+        check_results_workbook(path)
+    with pytest.raises(UserError, match="cannot read"):
+        append_results_row(path, {"name": "x"})
+    assert path.read_bytes() == content
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [path.name]
+
+
+def test_workbook_without_results_sheet_is_refused(tmp_path):
+    path = tmp_path / "other.xlsx"
+    write_workbook(path, {"mine": [Table(pd.DataFrame({"a": [1]}))]})
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="no 'results' sheet"):
+        append_results_row(path, {"name": "x"})
+    assert path.read_bytes() == before
+
+
+def test_locked_workbook_gives_a_clear_error_and_survives(tmp_path, monkeypatch):
+    """Excel on Windows holds the file: replacing it fails with PermissionError."""
+    path = tmp_path / "model_test_results.xlsx"
+    append_results_row(path, {"name": "first"})
+    before = path.read_bytes()
+
+    def locked(source, destination):
+        raise PermissionError(13, "The process cannot access the file", str(destination))
+
+    monkeypatch.setattr(report.os, "replace", locked)
+    with pytest.raises(UserError, match="permission denied"):
+        append_results_row(path, {"name": "second"})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp_")]  # no temporary left behind
+
+
+def _append_many(path, worker, count):
+    for step in range(count):
+        append_results_row(path, {"name": f"{worker}-{step}"})
+
+
+def test_appends_side_by_side_lose_nothing(tmp_path):
+    path = str(tmp_path / "model_test_results.xlsx")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(path, worker, 6)) for worker in range(2)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    names = pd.read_excel(path)["name"].tolist()
+    assert sorted(names) == sorted(f"{w}-{s}" for w in range(2) for s in range(6))
+
+
+def test_files_are_written_with_the_usual_permissions(tmp_path):
+    path = tmp_path / "book.xlsx"
+    write_workbook(path, {"a": [Table(pd.DataFrame({"x": [1]}))]})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_confusion_plot(tmp_path):
+    matrix = np.array([[0.9, 0.1, 0.0], [NAN, NAN, NAN], [0.2, 0.0, 0.8]])
+    path = tmp_path / "confusion.png"
+    plot_confusion(matrix, ["background", "control_point", "crack"], path, title="run: confusion matrix")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 300
