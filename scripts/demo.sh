@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: a generated S2DS-format sample dataset, then every stage of the workflow on it.
+# `make demo`: a generated S2DS-format sample dataset, then every stage of the workflow on it:
+# train -> evaluate -> prune -> fine-tune -> evaluate -> inference -> ONNX export -> benchmark.
 # Usage: scripts/demo.sh PYTHON DATA_DIR   (the Makefile passes .venv/bin/python results/demo_data)
 set -euo pipefail
 PY=${1:-.venv/bin/python}
@@ -7,8 +8,7 @@ DATA=${2:-results/demo_data}
 RESULTS=results
 RUN=$RESULTS/runs/demo
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-step() { printf '\n=== %s\n' "$*"; }
-started=$SECONDS
+step() { printf '\n=== %s (%ss so far)\n' "$*" "$SECONDS"; }
 
 step "1. sample dataset (40 images of 128x128 px) in $DATA"
 if [ -d "$DATA/train" ]; then
@@ -18,6 +18,51 @@ else
 fi
 $PY -m utils.data check "$DATA/train"
 
-step "2. train DeepLabV3-ResNet101 from scratch (small crops; the demo run is replaced each time)"
+step "2. train DeepLabV3-ResNet101 from scratch on small crops (the demo run is replaced each time)"
 $PY train.py "$DATA/train" "$DATA/val" demo --init none --epochs 8 --batch_size 4 --crop_size 96 \
     --optimizer adamw --lr 0.003 --workers 2 --overwrite --output_dir "$RESULTS"
+
+step "3. evaluate it on the test split: an Excel report and one row in the comparison workbook"
+$PY test.py "$DATA/test" --weights "$RUN/best.pth" --save_predictions --overwrite --workers 2 \
+    --output_dir "$RESULTS"
+
+step "4. prune 50% of the channels by L2 magnitude in 2 steps, scoring val mIoU after each"
+$PY torchvision_pruning.py --pruning_ratio 50 --importance_type Magnitude --p_value 2 --model_name demo_l2_50 \
+    --iterative_steps 2 --state_dict "$RUN/best.pth" --keep_feature_extract False --val_data "$DATA/val" \
+    --measure_size 256 --latency_runs 3 --workers 2 --overwrite --output_dir "$RESULTS"
+
+step "5. fine-tune the pruned network briefly, then evaluate it beside the dense one"
+$PY train.py "$DATA/train" "$DATA/val" demo_pruned --pruned_model "$RESULTS/pruned/demo_l2_50.pth" \
+    --train_pruned_fully True --epochs 2 --batch_size 4 --crop_size 96 --optimizer adamw --lr 0.001 \
+    --workers 2 --overwrite --output_dir "$RESULTS"
+$PY test.py "$DATA/test" --weights "$RESULTS/runs/demo_pruned/best.pth" --overwrite --workers 2 \
+    --output_dir "$RESULTS"
+
+step "6. inference on a sample photo in all three modes, and a whole folder through the sliding window"
+SAMPLES=("$DATA"/test/Images/*)
+$PY inference.py --state_dict "$RUN/best.pth" --image "${SAMPLES[0]}" --mode overlay --save_figure \
+    --output_dir "$RESULTS"
+$PY inference.py --state_dict "$RUN/best.pth" --image "${SAMPLES[0]}" --mode side_by_side save_mask \
+    --save_figure --output_dir "$RESULTS"
+$PY inference.py --state_dict "$RESULTS/runs/demo_pruned/best.pth" --image "$DATA/test/Images" \
+    --mode save_mask --tile 96 --stride 64 --output_dir "$RESULTS"
+
+step "7. ONNX export for TensorRT, checked against PyTorch in onnxruntime"
+$PY export.py "$RUN/best.pth" --size 128 --dynamic --overwrite --output_dir "$RESULTS"
+
+step "8. speed and size, dense vs pruned"
+$PY benchmark.py "$RUN/best.pth" "$RESULTS/runs/demo_pruned/best.pth" --size 128 --runs 5 --warmup 1 \
+    --output_dir "$RESULTS"
+
+step "done"
+cat <<EOT
+sample dataset        $DATA/{train,val,test}
+training run          $RUN/ (best.pth, last.pth, metrics.csv, curves.png, args.json)
+evaluation            $RESULTS/test/demo_best.xlsx, demo_best_confusion.png, demo_best_predictions/
+pruned network        $RESULTS/pruned/demo_l2_50.pth and demo_l2_50_steps.csv
+fine-tuned pruned     $RESULTS/runs/demo_pruned/ and $RESULTS/test/demo_pruned_best.xlsx
+comparison workbook   $RESULTS/model_test_results.xlsx (one row per test.py run)
+inference figures     $RESULTS/inference/
+ONNX model            $RESULTS/export/ (see the trtexec line above)
+benchmark             $RESULTS/benchmark/
+EOT

@@ -60,3 +60,31 @@ def resnet101_checkpoint(tmp_path_factory):
 def mobilenet_checkpoint(tmp_path_factory):
     """An untrained DeepLabV3-MobileNetV3 (fast) in the CrackSense checkpoint format."""
     return _saved_model(tmp_path_factory.mktemp("ckpt"), "deeplabv3_mobilenet_v3_large")
+
+
+@pytest.fixture(scope="session")
+def lively_mobilenet_checkpoint(tmp_path_factory):
+    """An untrained DeepLabV3-MobileNetV3 whose logits vary across the image.
+
+    The plain untrained network predicts one constant class (its activations vanish), which would
+    make comparisons of predictions (tiled vs whole, ONNX vs PyTorch) pass trivially. Here BatchNorm
+    statistics are calibrated on random images and the heads redrawn, so several classes appear.
+    """
+    torch.manual_seed(0)
+    arch = "deeplabv3_mobilenet_v3_large"
+    network = models.build(arch, data.NUM_CLASSES, init="none")
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    network.train()
+    with torch.no_grad():
+        for _ in range(3):
+            network(torch.randn(2, 3, 64, 64))
+    network.eval()
+    for conv in models.head_layers(network):
+        torch.nn.init.normal_(conv.weight, std=0.01)
+        torch.nn.init.zeros_(conv.bias)
+    path = tmp_path_factory.mktemp("ckpt") / "lively_mobilenet.pth"
+    save_atomic(make_checkpoint(network, arch), path)
+    return path

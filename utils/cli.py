@@ -65,15 +65,23 @@ def _last_line(text):
 
 
 def resolve_device(name):
-    """Map --device auto|cpu|cuda|cuda:N to a torch.device, refusing CUDA where there is none."""
+    """Map --device auto|cpu|cuda|cuda:N to a torch.device, refusing CUDA where there is none.
+
+    On the CPU, denormal floats (below ~1e-38) are flushed to zero: trained networks carry such
+    tiny values and x86 CPUs compute with them 10-40x slower (measured: DeepLabV3-ResNet101 at
+    128 px, 5.6 s -> 0.22 s per image). GPUs compute with them at full speed.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    return device
 
 
 def percent_or_fraction_hint(value):

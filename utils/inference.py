@@ -9,7 +9,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from matplotlib import pyplot as plt
 from PIL import Image
@@ -45,7 +44,8 @@ def parse_modes(values):
 
 def find_images(spec):
     """The photos named by --image: one file, every image in a folder (not recursive), or a glob pattern."""
-    if any(char in spec for char in "*?["):
+    path = Path(spec)
+    if not path.exists() and any(char in spec for char in "*?["):
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(f"no file matches --image {spec!r}")
@@ -54,7 +54,7 @@ def find_images(spec):
             raise UserError(f"--image {spec!r} matches {len(matches)} file(s) but no images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
         return images
-    path = Path(require_path(spec, "image"))
+    require_path(spec, "image")
     if path.is_dir():
         images = list_images(path)
         if not images:

@@ -1,0 +1,67 @@
+"""Measure size and speed of model variants side by side in one run (e.g. dense vs pruned).
+
+    python benchmark.py results/runs/demo/best.pth results/pruned/r101_50.pth --size 512 --runs 20
+    python benchmark.py A.pth B.pth --device cuda --half --channels_last --onnx
+
+For each checkpoint: parameters, MACs per image (torch-pruning's counter), median and p90 latency
+of one forward of a BATCH x 3 x SIZE x SIZE batch (auxiliary head dropped, as in inference), images
+per second, and ratios against the first checkpoint (params x, MACs x, speed-up). With --onnx the
+same network also runs in onnxruntime. Prints the table and writes OUTPUT_DIR/benchmark/NAME.csv
+and NAME.png (latency against MACs); a rerun with the same --name replaces them and says so.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from utils.cli import UserError, add_bool, resolve_device, run_main
+from utils.deploy import format_table, run_benchmark, write_benchmark
+from utils.evaluation import device_name
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="checkpoints to compare; ratios are against the first")
+    parser.add_argument("--size", type=int, default=512, help="input side in px (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=20, help="timed forwards per model (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default: %(default)s)")
+    add_bool(parser, "--half", False, "float16 (CUDA only)")
+    add_bool(parser, "--channels_last", False, "channels-last memory format (often faster on GPUs)")
+    add_bool(parser, "--onnx", False, "also time each network exported to ONNX in onnxruntime")
+    add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    parser.add_argument("--name", default="benchmark", help="file name of the CSV and plot (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    return parser
+
+
+def check_args(args):
+    for option, low in (("size", 32), ("batch", 1), ("runs", 1), ("warmup", 0)):
+        if getattr(args, option) < low:
+            raise UserError(f"--{option} must be at least {low}, got {getattr(args, option)}")
+    if not args.name or Path(args.name).name != args.name:
+        raise UserError(f"--name {args.name!r} must be a plain file name (no folders)")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    device = resolve_device(args.device)
+    rows = run_benchmark(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
+                         args.channels_last, args.onnx, args.allow_pickle)
+    title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
+    print(f"{title}, {'float16' if args.half else 'float32'}, {args.runs} runs after {args.warmup} warm-up, "
+          f"torch {torch.__version__}")
+    print(format_table(rows))
+    for row in rows[1:]:
+        if row["backend"] == rows[0]["backend"]:
+            print(f"{row['model']}: {row['speedup']:.2f}x the speed of {rows[0]['model']} with "
+                  f"{1 / row['macs_ratio']:.2f}x fewer MACs and {1 / row['params_ratio']:.2f}x fewer parameters")
+    csv_path, png_path, existed = write_benchmark(rows, Path(args.output_dir) / "benchmark", args.name, title)
+    print(f"wrote {csv_path} and {png_path}{' (replacing the previous ones)' if existed else ''}")
+
+
+if __name__ == "__main__":
+    run_main(main)

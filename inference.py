@@ -1,0 +1,63 @@
+"""Segment your own photos (one file, a folder or a pattern) and get figures and masks at full size.
+
+    python inference.py --state_dict W.pth --image IMG.png --mode overlay --save_figure
+    python inference.py --state_dict W.pth --image photos/ --mode side_by_side save_mask --save_figure
+    python inference.py --state_dict W.pth --pruned_model P.pth --use_pruned --image 'site/*.jpg' --save_figure
+
+Modes: side_by_side (photo | colour mask, legend of the classes present and their share of pixels),
+overlay (the mask blended over the photo at the photo's own resolution, with the legend), save_mask
+(a class-id grayscale PNG and an RGB mask in the Labels_RGB palette, at the photo's resolution).
+Photos whose longer side exceeds --max_size are predicted in overlapping tiles, so a 6000x4000 px
+photo runs on a CPU or a Jetson. Outputs: OUTPUT_DIR/inference/<stem>_<mode>.png, and for save_mask
+<stem>_mask.png and <stem>_mask_rgb.png; a rerun replaces them (and says so), an input is never written over.
+"""
+import argparse
+
+from utils.cli import add_bool, run_main, str2bool
+from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, run
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--state_dict", metavar="W.pth",
+                       help="checkpoint or plain state_dict (thesis 8-output files too)")
+    model.add_argument("--pruned_model", metavar="P.pth",
+                       help="pruned network whose architecture holds --state_dict (or, alone, is used)")
+    add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
+    add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+
+    inputs = parser.add_argument_group("input and prediction")
+    inputs.add_argument("--image", required=True, metavar="PATH",
+                        help="a photo, a folder of photos (not recursive) or a quoted pattern like 'site/*.jpg'")
+    inputs.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE, metavar="PX",
+                        help="photos whose longer side exceeds this are predicted in tiles (default: %(default)s)")
+    inputs.add_argument("--tile", type=int, default=None, metavar="PX",
+                        help=f"tile side in px; given, every photo is tiled (default: {DEFAULT_TILE}, "
+                             f"above --max_size only)")
+    inputs.add_argument("--stride", type=int, default=None, metavar="PX",
+                        help="step between tiles; overlaps are blended (default: tile / 2)")
+    add_bool(inputs, "--half", False, "float16 on a CUDA GPU (e.g. a Jetson); refused on the CPU")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--mode", nargs="+", default=["overlay"], metavar="MODE",
+                        help=f"one or more of {', '.join(MODES)} (default: overlay)")
+    add_bool(output, "--save_figure", False,
+             "write figures to OUTPUT_DIR/inference/<stem>_<mode>.png (save_mask always writes its masks)")
+    output.add_argument("--show", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                        help="open the figures in a window (default: only when --save_figure is not given)")
+    output.add_argument("--alpha", type=float, default=0.5,
+                        help="opacity of the class colours in the overlay, 0-1 (default: %(default)s)")
+    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
+    run(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,104 @@
+"""export.py (ONNX + onnxruntime parity) and benchmark.py (table, CSV, plot) on small models."""
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+
+import benchmark
+import export
+from conftest import REPO, assert_user_error, run_script
+from utils.checkpoint import load_model
+from utils.cli import UserError
+from utils.deploy import LogitsOnly, add_ratios, check_parity, format_table, parity_passed, trtexec_command
+
+
+def test_export_matches_pytorch_in_onnxruntime(tmp_path, lively_mobilenet_checkpoint, capsys):
+    output = tmp_path / "model.onnx"
+    export.main([str(lively_mobilenet_checkpoint), "--output", str(output), "--size", "64", "--dynamic",
+                 "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "parity check passed" in printed
+    assert "trtexec --onnx=model.onnx --fp16 --saveEngine=model.engine --minShapes=image:1x3x32x32" in printed
+
+    graph = onnx.load(str(output))
+    assert [i.name for i in graph.graph.input] == ["image"] and [o.name for o in graph.graph.output] == ["logits"]
+    model, _ = load_model(lively_mobilenet_checkpoint)
+    rows = check_parity(LogitsOnly(model, 7).eval(), output, [(1, 64, 64), (2, 40, 56)])
+    for row in rows:
+        assert row["max_abs_diff"] < 1e-3 and row["argmax_agreement"] > 0.999, row
+
+
+def test_half_export_stores_float16_and_agrees(tmp_path, lively_mobilenet_checkpoint, capsys):
+    output = tmp_path / "half.onnx"
+    export.main([str(lively_mobilenet_checkpoint), "--output", str(output), "--size", "64", "--half",
+                 "--device", "cpu"])
+    assert "parity check passed" in capsys.readouterr().out
+    image_type = onnx.load(str(output)).graph.input[0].type.tensor_type
+    assert image_type.elem_type == onnx.TensorProto.FLOAT16
+    assert [d.dim_value for d in image_type.shape.dim] == [1, 3, 64, 64]
+
+
+def test_parity_rule_float32_needs_1e3_and_float16_needs_98_percent_agreement():
+    assert parity_passed([{"max_abs_diff": 5e-4, "argmax_agreement": 0.9995}], half=False)
+    assert not parity_passed([{"max_abs_diff": 2e-3, "argmax_agreement": 1.0}], half=False)
+    assert not parity_passed([{"max_abs_diff": 0.0, "argmax_agreement": 0.998}], half=False)
+    assert parity_passed([{"max_abs_diff": 2e-2, "argmax_agreement": 0.99}], half=True)
+    assert not parity_passed([{"max_abs_diff": 0.0, "argmax_agreement": 0.97}], half=True)
+
+
+def test_export_refuses_to_replace_an_existing_file(tmp_path, mobilenet_checkpoint):
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"keep me")
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        export.main([str(mobilenet_checkpoint), "--output", str(output)])
+    assert output.read_bytes() == b"keep me"
+
+
+def test_export_of_a_missing_checkpoint_gives_one_line(tmp_path):
+    result = run_script(REPO / "export.py", tmp_path / "missing.pth", "--output", tmp_path / "m.onnx")
+    assert_user_error(result, "checkpoint not found")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_trtexec_line_for_a_static_graph():
+    assert trtexec_command("out/r101.onnx", 512, False) == "trtexec --onnx=r101.onnx --fp16 --saveEngine=r101.engine"
+
+
+def test_benchmark_prints_its_table_and_writes_csv_and_plot(tmp_path, mobilenet_checkpoint,
+                                                            lively_mobilenet_checkpoint, capsys):
+    benchmark.main([str(mobilenet_checkpoint), str(lively_mobilenet_checkpoint), "--size", "64", "--runs", "2",
+                    "--warmup", "1", "--onnx", "--device", "cpu", "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("model"))
+    for column in ("params (M)", "GMACs", "median ms", "p90 ms", "images/s", "MACs x", "speed-up"):
+        assert column in header
+    assert "lively_mobilenet: " in printed and "x the speed of deeplabv3_mobilenet_v3_large" in printed
+    table = pd.read_csv(tmp_path / "benchmark" / "benchmark.csv")
+    assert list(table["backend"]) == ["pytorch", "onnxruntime", "pytorch", "onnxruntime"]
+    assert (table["median_ms"] > 0).all() and (table["p90_ms"] >= table["median_ms"]).all()
+    np.testing.assert_allclose(table["macs_ratio"], 1.0)
+    assert table.loc[0, "speedup"] == 1.0
+    assert (tmp_path / "benchmark" / "benchmark.png").stat().st_size > 0
+
+
+def test_benchmark_table_ratios_are_against_the_first_row_of_each_backend():
+    rows = [{"model": "dense", "backend": "pytorch", "params_m": 60.0, "gmacs": 100.0, "median_ms": 200.0,
+             "p90_ms": 210.0, "images_per_s": 5.0},
+            {"model": "half", "backend": "pytorch", "params_m": 30.0, "gmacs": 50.0, "median_ms": 110.0,
+             "p90_ms": 120.0, "images_per_s": 9.1}]
+    add_ratios(rows)
+    assert rows[1]["macs_ratio"] == 0.5 and rows[1]["speedup"] == pytest.approx(200 / 110)
+    lines = format_table(rows).splitlines()
+    assert lines[2].split()[:2] == ["half", "pytorch"] and lines[2].split()[-1] == "1.82"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["missing.pth"], "checkpoint not found: missing.pth"),
+    (["CKPT", "--half", "--device", "cpu"], "--half runs float16 on a CUDA GPU only"),
+    (["CKPT", "--runs", "0"], "--runs must be at least 1"),
+])
+def test_benchmark_bad_inputs(tmp_path, mobilenet_checkpoint, argv, fragment):
+    argv = [str(mobilenet_checkpoint) if arg == "CKPT" else arg for arg in argv]
+    with pytest.raises(UserError, match=fragment.replace("+", r"\+")):
+        benchmark.main([*argv, "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "benchmark").exists()
