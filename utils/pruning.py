@@ -3,6 +3,7 @@
 Also the iterative prune / calibrate / fine-tune / score loop behind torchvision_pruning.py, built
 from utils/engine.py and utils/training.py so no training loop is written twice.
 """
+import copy
 import os
 import statistics
 import time
@@ -126,14 +127,17 @@ def _buffers_restored(model):
                 buffer.copy_(saved[name])
 
 
-def taylor_gradients(model, batches, criterion, device):
-    """Accumulate gradients of the real segmentation loss over `batches` (train mode, batch >= 2).
+def taylor_gradients(model, batches, criterion, device, train_mode=False):
+    """Accumulate gradients of the real segmentation loss over `batches` for Taylor importance.
 
-    Every parameter gets a gradient (frozen ones included, so the whole network is ranked); weights
-    and BatchNorm statistics are left as they were.
+    Eval mode (default) keeps BatchNorm on its running statistics, as deployed. In train mode a
+    BatchNorm after a convolution makes the loss blind to the scale of that convolution's channels, so
+    per channel sum(w * dL/dw) is exactly 0 and the ranking loses its signal (batch >= 2 needed there).
+    Every parameter gets a gradient (frozen ones included, so the whole network is ranked); weights,
+    BatchNorm statistics and trainable flags are left as they were.
     """
     was_training, flags = model.training, trainable_flags(model)
-    model.train()
+    model.train(train_mode)
     model.zero_grad(set_to_none=True)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -154,8 +158,8 @@ def calibration_batches(loader):
 
 
 @torch.inference_mode()
-def measure_latency(model, size=512, runs=5, device="cpu", warmup=1):
-    """Median seconds of one forward pass of a batch-1 size x size image (after warm-up runs)."""
+def _forward_times(model, size, runs, device, warmup):
+    """Seconds of `runs` forward passes of a batch-1 size x size image, after `warmup` untimed ones."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -171,7 +175,19 @@ def measure_latency(model, size=512, runs=5, device="cpu", warmup=1):
         if index >= warmup:
             times.append(time.perf_counter() - started)
     model.train(was_training)
-    return statistics.median(times)
+    return times
+
+
+def interleaved_latencies(networks, size=512, runs=5, device="cpu"):
+    """Per network, `runs` forward times (seconds) taken in rounds (dense, pruned, dense, ...) so that a
+    busy machine slows every network alike instead of whichever ran during the busy spell."""
+    for network in networks:
+        _forward_times(network, size, 0, device, warmup=1)
+    times = [[] for _ in networks]
+    for _ in range(runs):
+        for network, seconds in zip(networks, times):
+            seconds.extend(_forward_times(network, size, 1, device, warmup=0))
+    return times
 
 
 def _slice_extra_outputs(model, state_dict, num_classes):
@@ -187,11 +203,38 @@ def _slice_extra_outputs(model, state_dict, num_classes):
     return state_dict
 
 
+def match_pruned_widths(model, state_dict):
+    """Prune a dense network down to the channel counts of a pruned state_dict that has no history
+    (a thesis pickle or its state_dict); returns the history that rebuilds those widths.
+
+    Which channels go does not matter: the file's weights are loaded afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs(device=device),
+                                                  verbose=False)
+    for name, module in model.named_modules():
+        weight = state_dict.get(f"{name}.weight")
+        if isinstance(module, torch.nn.Conv2d) and weight is not None and weight.shape[0] < module.out_channels:
+            surplus = list(range(weight.shape[0], module.out_channels))
+            graph.get_pruning_group(module, tp.prune_conv_out_channels, surplus).prune()
+    model.train(was_training)
+    return json_history(graph.pruning_history())
+
+
+def _shapes_differ(model, state_dict):
+    own = model.state_dict()
+    return any(key in own and own[key].shape != value.shape for key, value in state_dict.items())
+
+
 def load_for_pruning(state_dict=None, arch=None, init=None, allow_pickle=False):
     """(model, arch, earlier pruning history, source) from --state_dict, or a fresh --arch/--init network.
 
     Accepts our checkpoints (dense or already pruned: the new history continues the old one), thesis
-    state_dicts (8th output dropped) and, behind --allow_pickle, a whole pickled dense model.
+    state_dicts (8th output dropped) and, behind --allow_pickle, whole pickled models. Files of a pruned
+    network without a history get one that reproduces their widths, so --pruning_ratio 0 converts a
+    thesis pickle into a pickle-free checkpoint.
     """
     if state_dict is None:
         if init is None:
@@ -209,8 +252,12 @@ def load_for_pruning(state_dict=None, arch=None, init=None, allow_pickle=False):
         raise UserError(f"{state_dict} predicts {checkpoint['num_classes']} classes but S2DS has "
                         f"{data.NUM_CLASSES}; pass weights trained on S2DS")
     model = build_from_checkpoint({**checkpoint, "num_outputs": data.NUM_CLASSES})
-    load_weights(model, _slice_extra_outputs(model, checkpoint["model"], data.NUM_CLASSES), state_dict)
-    return model, checkpoint["arch"], list(checkpoint.get("pruning") or []), str(state_dict)
+    weights = _slice_extra_outputs(model, checkpoint["model"], data.NUM_CLASSES)
+    history = list(checkpoint.get("pruning") or [])
+    if not history and _shapes_differ(model, weights):
+        history = match_pruned_widths(model, weights)
+    load_weights(model, weights, state_dict)
+    return model, checkpoint["arch"], history, str(state_dict)
 
 
 def _fmt(value, digits=2):
@@ -260,8 +307,26 @@ def default_model_name(arch, importance, p_value, percent):
     return f"{arch}_{importance.lower()}{norm}_{percent:g}"
 
 
+def _refuse_existing(paths, save_pickle, overwrite):
+    wanted = [paths["checkpoint"], paths["steps"]] + ([paths["pickle"]] if save_pickle else [])
+    existing = [path for path in wanted if os.path.exists(path)]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another "
+                        f"--model_name")
+
+
+def _finetune(model, train_set, criterion, args, context, step):
+    """--finetune_epochs on --data with train.py's optimiser, poly schedule and loop; a fresh optimiser
+    because the pruning step replaced every parameter."""
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    loader = train_loader(train_set, args.batch_size, args.workers, args.seed + step, context)
+    scheduler = poly_scheduler(optimizer, args.finetune_epochs * len(loader))
+    for epoch in range(1, args.finetune_epochs + 1):
+        train_one_epoch(model, loader, criterion, optimizer, context.device, epoch, scheduler)
+
+
 def run(args):
-    """Load, prune in --iterative_steps (Taylor gradients and fine-tuning between), score, save."""
+    """Load, prune in --iterative_steps (Taylor gradients before, fine-tuning after each), score, save."""
     importance = make_importance(args.importance_type, args.p_value)
     ratio = ratio_fraction(args.pruning_ratio)
     kind = importance_name(args.importance_type)
@@ -271,38 +336,32 @@ def run(args):
 
     model, arch, earlier_history, source = load_for_pruning(args.state_dict, args.arch, args.init,
                                                             args.allow_pickle)
-    name = args.model_name or default_model_name(arch, kind, args.p_value, args.pruning_ratio)
-    paths = output_paths(args.output_dir, name)
-    wanted = [paths["checkpoint"]] + ([paths["pickle"]] if args.save_pickle else [])
-    existing = [path for path in wanted if os.path.exists(path)]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another "
-                        f"--model_name")
+    paths = output_paths(args.output_dir,
+                         args.model_name or default_model_name(arch, kind, args.p_value, args.pruning_ratio))
+    _refuse_existing(paths, args.save_pickle, args.overwrite)
     if args.keep_feature_extract:
         models.freeze_all_but_head(model)
     model.to(device)
 
-    train_set = val_batches = criterion = calibration = None
+    train_set = val_loader = criterion = calibration = None
     if args.data:
         train_set = data.S2DSDataset(require_path(args.data, "--data folder", "dir"),
                                      data.train_transform(args.crop_size))
         criterion = make_criterion(args.loss, train_set, progress=True).to(device)
-        loader = train_loader(train_set, args.batch_size, args.workers, args.seed, context)
-        calibration = calibration_batches(loader)
+        calibration = calibration_batches(train_loader(train_set, args.batch_size, args.workers, args.seed,
+                                                       context))
     if args.val_data:
-        val_set = data.S2DSDataset(require_path(args.val_data, "--val_data folder", "dir"),
-                                   data.EvalTransform(None))
-        val_batches = eval_loader(val_set, 1, args.workers, context)
+        val_set = data.S2DSDataset(require_path(args.val_data, "--val_data folder", "dir"), data.EvalTransform())
+        val_loader = eval_loader(val_set, 1, args.workers, context)
 
     def score():
-        if val_batches is None:
+        if val_loader is None:
             return None
-        result = evaluate(model, val_batches, device, data.NUM_CLASSES, progress=True)
-        return summary_metrics(result.confusion.matrix)["mean_iou"]
+        return summary_metrics(evaluate(model, val_loader, device, data.NUM_CLASSES).confusion.matrix)["mean_iou"]
 
     def gradients():
-        batches = [next(calibration) for _ in range(args.calib_batches)]
-        taylor_gradients(model, batches, criterion, device)
+        taylor_gradients(model, [next(calibration) for _ in range(args.calib_batches)], criterion, device,
+                         train_mode=args.calib_mode == "train")
 
     started = time.perf_counter()
     print(f"pruning {arch} from {source}: {args.pruning_ratio:g}% of channels by {kind} importance"
@@ -310,9 +369,8 @@ def run(args):
           f"{f', {args.finetune_epochs} fine-tuning epoch(s) after each' if args.finetune_epochs else ''}",
           flush=True)
     dense_macs, dense_params = models.count_macs(model, args.measure_size, device)
-    dense_latency = measure_latency(model, args.measure_size, args.latency_runs, device) \
-        if args.latency_runs else None
-    table = StepTable(paths["steps"], val_batches is not None, args.finetune_epochs > 0)
+    dense = copy.deepcopy(model) if args.latency_runs else None  # timed beside the pruned one at the end
+    table = StepTable(paths["steps"], val_loader is not None, args.finetune_epochs > 0)
     table.add(0, 0.0, dense_macs, dense_params, time.perf_counter() - started, score())
 
     pruner = build_pruner(model, importance, ratio, args.iterative_steps, args.global_pruning, args.round_to)
@@ -321,16 +379,16 @@ def run(args):
         prune_step(pruner, model, gradients if kind == "Taylor" else None)
         miou_pruned = score() if args.finetune_epochs else None
         if args.finetune_epochs:
-            optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-            loader = train_loader(train_set, args.batch_size, args.workers, args.seed + step, context)
-            scheduler = poly_scheduler(optimizer, args.finetune_epochs * len(loader))
-            for epoch in range(1, args.finetune_epochs + 1):
-                train_one_epoch(model, loader, criterion, optimizer, device, epoch, scheduler)
+            _finetune(model, train_set, criterion, args, context, step)
         macs, params = models.count_macs(model, args.measure_size, device)
-        table.add(step, round(100 * pruner.per_step_pruning_ratio[step], 2), macs, params, time.perf_counter() - started,
-                  score(), miou_pruned)
+        table.add(step, round(100 * pruner.per_step_pruning_ratio[step], 2), macs, params,
+                  time.perf_counter() - started, score(), miou_pruned)
 
-    latency = measure_latency(model, args.measure_size, args.latency_runs, device) if args.latency_runs else None
+    dense_latency = latency = None
+    if args.latency_runs:
+        dense_latency, latency = (statistics.median(times) for times in interleaved_latencies(
+            [dense, model], args.measure_size, args.latency_runs, device))
+        del dense
     extras = {"pruning_ratio": args.pruning_ratio, "importance": kind, "p_value": args.p_value,
               "iterative_steps": args.iterative_steps, "finetune_epochs": args.finetune_epochs,
               "global_pruning": args.global_pruning, "round_to": args.round_to, "source": source,

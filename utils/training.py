@@ -115,8 +115,9 @@ def _build_model(args):
         if pruning is None and metadata["format"] != "pickled_model":
             raise UserError(f"{args.pruned_model} is a dense checkpoint; pass it with --load_pretrained_weights")
         if metadata["format"] == "pickled_model":
-            raise UserError(f"{args.pruned_model} is a pickled model without a pruning history; re-save it "
-                            f"with torchvision_pruning.py to train it")
+            raise UserError(f"{args.pruned_model} is a pickled model without a pruning history; convert it with "
+                            f"python torchvision_pruning.py --state_dict {args.pruned_model} --allow_pickle "
+                            f"--pruning_ratio 0 --model_name NAME")
     else:
         arch = args.arch
         model = models.build(arch, data.NUM_CLASSES, args.init, args.aux_loss)

@@ -1,0 +1,298 @@
+"""Pruning: torchvision_pruning.py, utils/pruning.py, and pruned files going through train, test and inference."""
+import importlib.util
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import inference
+import torchvision_pruning
+import train
+from conftest import REPO, assert_user_error, run_script
+from utils import model as models
+from utils.checkpoint import load_model, make_checkpoint, save_atomic
+from utils.cli import UserError
+from utils.data import S2DSDataset, collate, train_transform
+from utils.losses import SegmentationLoss
+from utils.pruning import build_pruner, make_importance, prune_step, ratio_fraction, taylor_gradients
+
+MOBILENET = "deeplabv3_mobilenet_v3_large"
+FAST = ["--device", "cpu", "--workers", "0", "--latency_runs", "0", "--measure_size", "64"]
+
+
+def prune(tmp_path, *argv):
+    """torchvision_pruning.main in-process (fast settings first, so argv overrides them); returns the checkpoint."""
+    return torchvision_pruning.main([*FAST, *map(str, argv), "--output_dir", str(tmp_path)])
+
+
+def logits(network, seed=1, size=64):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return models.forward_logits(network.eval(), torch.randn(2, 3, size, size), 7)
+
+
+def conv_widths(network):
+    return {name: (m.in_channels, m.out_channels) for name, m in network.named_modules()
+            if isinstance(m, torch.nn.Conv2d)}
+
+
+@pytest.fixture(scope="module")
+def pruned_mobilenet(tmp_path_factory, mobilenet_checkpoint):
+    """Magnitude L1, 50% in 2 steps, with the whole-model pickle beside it (the model as it was in memory)."""
+    folder = tmp_path_factory.mktemp("pruned")
+    path = prune(folder, "--pruning_ratio", 50, "--importance_type", "Magnitude", "--p_value", 1, "--model_name",
+                 "mb", "--iterative_steps", 2, "--state_dict", mobilenet_checkpoint, "--keep_feature_extract",
+                 "False", "--save_pickle", "--latency_runs", 1)
+    return path
+
+
+# --- options --------------------------------------------------------------------------------------------
+
+def test_ratio_is_percent():
+    assert ratio_fraction(0) == 0 and ratio_fraction(50) == 0.5 and ratio_fraction(99) == 0.99
+    with pytest.raises(UserError, match="unit is percent"):
+        ratio_fraction(0.5)
+    for bad in (100, -5):
+        with pytest.raises(UserError, match="between 0 and 99"):
+            ratio_fraction(bad)
+
+
+def test_importance_choices():
+    assert make_importance("magnitude", 1).p == 1 and make_importance("Magnitude", 3).p == 3
+    for name in ("Taylor", "LAMP", "BNScale", "FPGM"):
+        assert make_importance(name) is not None
+    with pytest.raises(UserError, match="Magnitude, Taylor"):
+        make_importance("Hessianish")
+    with pytest.raises(UserError, match="positive integer"):
+        make_importance("Magnitude", 0)
+
+
+def test_help_lists_the_seed_options():
+    text = torchvision_pruning.get_args_parser().format_help()
+    for option in ("--pruning_ratio", "--importance_type", "--p_value", "--model_name", "--iterative_steps",
+                   "--state_dict", "--keep_feature_extract", "--data", "--calib_batches", "--finetune_epochs",
+                   "--val_data", "--global_pruning", "--round_to", "--save_pickle", "--allow_pickle",
+                   "--device", "--output_dir", "--overwrite"):
+        assert option in text, option
+
+
+# --- the pruner ----------------------------------------------------------------------------------------
+
+def test_ratio_zero_is_the_identity():
+    torch.manual_seed(0)
+    network = models.build(MOBILENET, 7, init="none").eval()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    pruner = build_pruner(network, make_importance("Magnitude", 2), ratio_fraction(0))
+    prune_step(pruner, network)
+    assert pruner.pruning_history() == []
+    after = network.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", [MOBILENET, "lraspp_mobilenet_v3_large"])
+def test_global_and_round_to_keep_the_class_count(arch):
+    torch.manual_seed(0)
+    network = models.build(arch, 7, init="none").train()
+    dense_macs, _ = models.count_macs(network, 64)
+    dense_widths = conv_widths(network)
+    prune_step(build_pruner(network, make_importance("Magnitude", 2), 0.5, global_pruning=True, round_to=8),
+               network)
+    assert network.training, "building the pruner must not leave the model in eval mode"
+    assert all(layer.out_channels == 7 for layer in models.head_layers(network))
+    changed = [out for name, (_, out) in conv_widths(network).items() if out != dense_widths[name][1]]
+    assert changed and all(out % 8 == 0 for out in changed)
+    assert models.count_macs(network, 64)[0] < dense_macs
+    assert logits(network).shape == (2, 7, 64, 64)
+
+
+def test_frozen_layers_stay_frozen_after_a_step():
+    torch.manual_seed(0)
+    network = models.build(MOBILENET, 7, init="none", keep_feature_extract=True)
+    prune_step(build_pruner(network, make_importance("Magnitude", 2), 0.3), network)
+    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.4.weight", "classifier.4.bias", "aux_classifier.4.weight",
+                         "aux_classifier.4.bias"}
+
+
+# --- acceptance: ResNet-101 at 50% ------------------------------------------------------------------------
+
+def test_resnet101_half_quarter_macs_and_exact_reload(tmp_path, resnet101_checkpoint, capsys):
+    path = prune(tmp_path, "--pruning_ratio", 50, "--importance_type", "Magnitude", "--p_value", 2, "--model_name",
+                 "r101", "--iterative_steps", 1, "--state_dict", resnet101_checkpoint, "--save_pickle")
+    raw = torch.load(path, weights_only=True)
+    assert raw["arch"] == "deeplabv3_resnet101" and raw["num_classes"] == 7 and raw["pruning"]
+    assert raw["macs"] <= 0.26 * raw["dense_macs"]  # the ratio does not depend on the image size
+    assert "-> pruned" in capsys.readouterr().out.strip().splitlines()[-1]
+
+    pruned, metadata = load_model(path)
+    dense = conv_widths(models.build("deeplabv3_resnet101", 7, init="none"))
+    widths = conv_widths(pruned)
+    for name in ("backbone.conv1", "backbone.layer1.0.conv1", "backbone.layer3.5.conv2", "backbone.layer4.2.conv3",
+                 "classifier.0.convs.0.0", "classifier.1"):
+        assert widths[name][1] == dense[name][1] // 2, name
+    assert widths["classifier.4"] == (128, 7) and widths["aux_classifier.4"][1] == 7
+
+    in_memory = torch.load(tmp_path / "pruned" / "r101_pickled.pth", weights_only=False)
+    assert (logits(pruned) - logits(in_memory)).abs().max() < 1e-5
+
+
+# --- iterative pruning with Taylor gradients and fine-tuning ----------------------------------------------
+
+def test_iterative_taylor_with_finetuning_and_steps_table(tmp_path, dataset_dir, mobilenet_checkpoint, capsys):
+    path = prune(tmp_path, "--pruning_ratio", 50, "--importance_type", "Taylor", "--model_name", "taylor",
+                 "--iterative_steps", 2, "--state_dict", mobilenet_checkpoint, "--data", dataset_dir / "train",
+                 "--val_data", dataset_dir / "val", "--finetune_epochs", 1, "--calib_batches", 1, "--batch_size",
+                 2, "--crop_size", 64)
+    steps = pd.read_csv(tmp_path / "pruned" / "taylor_steps.csv")
+    assert steps["step"].tolist() == [0, 1, 2] and steps["pruning_ratio"].tolist() == [0, 25, 50]
+    assert steps["macs"].is_monotonic_decreasing and steps["params"].iloc[-1] < steps["params"].iloc[0]
+    assert steps["val_miou"].between(0, 1).all() and steps["val_miou_before_finetune"].iloc[1:].notna().all()
+    out = capsys.readouterr().out
+    assert "val mIoU" in out and "latency" not in out.splitlines()[-1]  # --latency_runs 0
+    network, metadata = load_model(path)
+    assert metadata["importance"] == "Taylor" and metadata["finetune_epochs"] == 1 and len(metadata["steps"]) == 3
+    assert all(layer.out_channels == 7 for layer in models.head_layers(network))
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_taylor_gradients_leave_weights_and_statistics_alone(dataset_dir, train_mode):
+    torch.manual_seed(0)
+    network = models.build(MOBILENET, 7, init="none", keep_feature_extract=True).eval()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    images, masks, _ = collate([S2DSDataset(dataset_dir / "train", train_transform(64))[i] for i in range(2)])
+    taylor_gradients(network, [(images, masks)], SegmentationLoss("ce"), torch.device("cpu"), train_mode)
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+    assert all(p.grad is not None for p in network.parameters()) and not network.training
+    assert not network.backbone["0"][0].weight.requires_grad, "frozen layers stay frozen"
+
+
+def test_why_taylor_gradients_are_taken_in_eval_mode():
+    """In train mode a BatchNorm after a convolution makes the loss blind to the scale of each of its output
+    channels, so sum(w * dL/dw) per channel, Taylor's estimate of removing the channel, is 0."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 7, 1))
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 7, (2, 32, 32))
+    ratios = {}
+    for train_mode in (True, False):
+        taylor_gradients(network, [(images, masks)], SegmentationLoss("ce"), torch.device("cpu"), train_mode)
+        products = (network[0].weight * network[0].weight.grad).detach().flatten(1)
+        ratios[train_mode] = float(products.sum(1).abs().mean() / products.abs().sum(1).mean())
+    assert ratios[True] < 1e-4 < 1e-2 < ratios[False]
+
+
+# --- saved files: format, reload, pruning further, thesis files ---------------------------------------------
+
+def test_saved_checkpoint_reloads_exactly(pruned_mobilenet):
+    raw = torch.load(pruned_mobilenet, weights_only=True)
+    assert raw["format"] == "cracksense-checkpoint" and raw["importance"] == "Magnitude" and raw["p_value"] == 1
+    assert raw["latency_seconds"] > 0 and raw["dense_latency_seconds"] > 0
+    assert all(isinstance(entry[0], str) and isinstance(entry[1], bool) for entry in raw["pruning"])
+    pruned, _ = load_model(pruned_mobilenet)
+    in_memory = torch.load(str(pruned_mobilenet).replace(".pth", "_pickled.pth"), weights_only=False)
+    assert (logits(pruned, size=96) - logits(in_memory, size=96)).abs().max() < 1e-5
+    assert models.count_parameters(pruned) < 0.4 * models.count_parameters(models.build(MOBILENET, 7, init="none"))
+
+
+def test_pruning_a_pruned_checkpoint_continues_its_history(tmp_path, pruned_mobilenet):
+    path = prune(tmp_path, "--pruning_ratio", 20, "--model_name", "again", "--state_dict", pruned_mobilenet)
+    first, second = torch.load(pruned_mobilenet, weights_only=True), torch.load(path, weights_only=True)
+    assert second["pruning"][:len(first["pruning"])] == first["pruning"]
+    assert second["params"] < first["params"]
+    assert load_model(path)[1]["params"] == second["params"]
+
+
+def test_thesis_files_become_pickle_free_checkpoints(tmp_path):
+    """A thesis-style pruned network (8 outputs, no history), pickled or as a state_dict: --pruning_ratio 0
+    gives a 7-class checkpoint with a history that rebuilds it, and the same predictions."""
+    torch.manual_seed(0)
+    thesis = models.build(MOBILENET, 8, init="none", aux_loss=False).eval()
+    prune_step(build_pruner(thesis, make_importance("Magnitude", 2), 0.4), thesis)
+    torch.save(thesis, tmp_path / "thesis_pruned.pth")
+    torch.save(thesis.state_dict(), tmp_path / "thesis_pruned_weights.pth")
+    with pytest.raises(UserError, match="--allow_pickle"):
+        prune(tmp_path, "--pruning_ratio", 0, "--state_dict", tmp_path / "thesis_pruned.pth")
+    for source, extra in (("thesis_pruned.pth", ["--allow_pickle"]), ("thesis_pruned_weights.pth", [])):
+        path = prune(tmp_path, "--pruning_ratio", 0, "--state_dict", tmp_path / source, "--model_name", source, *extra)
+        network, metadata = load_model(path)
+        assert metadata["num_outputs"] == 7 and metadata["pruning"], source
+        assert (logits(network) - logits(thesis)).abs().max() < 1e-5, source
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, pruned_mobilenet):
+    folder = os.path.dirname(os.path.dirname(pruned_mobilenet))
+    stamp = os.path.getmtime(pruned_mobilenet)
+    with pytest.raises(UserError, match="--overwrite"):
+        prune(folder, "--pruning_ratio", 10, "--model_name", "mb", "--state_dict", pruned_mobilenet)
+    assert os.path.getmtime(pruned_mobilenet) == stamp
+
+
+# --- bad inputs: one line, exit status 2 --------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--pruning_ratio", "100"], "between 0 and 99"),
+    (["--pruning_ratio", "-5"], "between 0 and 99"),
+    (["--pruning_ratio", "0.5"], "unit is percent"),
+    (["--pruning_ratio", "50", "--p_value", "0"], "--p_value"),
+    (["--pruning_ratio", "50", "--importance_type", "Random"], "unknown --importance_type"),
+    (["--pruning_ratio", "50", "--importance_type", "Taylor"], "needs --data"),
+    (["--pruning_ratio", "50", "--finetune_epochs", "1"], "needs --data"),
+    (["--pruning_ratio", "50", "--importance_type", "Taylor", "--data", "x", "--calib_mode", "train",
+      "--batch_size", "1"], "at least 2"),
+    (["--pruning_ratio", "50", "--arch", "deeplabv3_resnet101"], "not --arch deeplabv3_resnet101"),
+])
+def test_bad_values_refused(tmp_path, mobilenet_checkpoint, argv, fragment):
+    with pytest.raises(UserError, match=fragment.replace("-", r"\-")):
+        prune(tmp_path, *argv, "--state_dict", mobilenet_checkpoint)
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_nothing_to_prune_and_other_class_count_refused(tmp_path):
+    with pytest.raises(UserError, match="--state_dict"):
+        prune(tmp_path, "--pruning_ratio", 50)
+    save_atomic(make_checkpoint(models.build(MOBILENET, 5, init="none"), MOBILENET, num_classes=5),
+                tmp_path / "five.pth")
+    with pytest.raises(UserError, match="5 classes"):
+        prune(tmp_path, "--pruning_ratio", 50, "--state_dict", tmp_path / "five.pth")
+
+
+def test_bad_input_as_a_user_runs_it(tmp_path, mobilenet_checkpoint):
+    assert_user_error(run_script("torchvision_pruning.py", "--pruning_ratio", "50", "--importance_type", "Taylor",
+                                 "--state_dict", mobilenet_checkpoint, "--output_dir", tmp_path), "--data")
+
+
+# --- the rest of the pipeline takes pruned files ------------------------------------------------------------
+
+def test_pruned_model_trains_through_train_py(tmp_path, dataset_dir, pruned_mobilenet):
+    """The seed form: head only (--train_pruned_fully False), weights loaded on top of the pruned network."""
+    train.main([str(dataset_dir / "train"), str(dataset_dir / "val"), "finetune", "--pruned_model",
+                str(pruned_mobilenet), "--train_pruned_fully", "False", "--keep_feature_extract", "False",
+                "--load_pretrained_weights", str(pruned_mobilenet), "--init", "none", "--epochs", "1",
+                "--batch_size", "2", "--crop_size", "64", "--workers", "0", "--device", "cpu",
+                "--output_dir", str(tmp_path)])
+    best = tmp_path / "runs" / "finetune" / "best.pth"
+    trained, metadata = load_model(best)
+    start, _ = load_model(pruned_mobilenet)
+    assert metadata["pruning"] == torch.load(pruned_mobilenet, weights_only=True)["pruning"]
+    heads = {"classifier.4.weight", "classifier.4.bias", "aux_classifier.4.weight", "aux_classifier.4.bias"}
+    for (name, after), before in zip(trained.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(after, before) != (name in heads), name
+
+
+def test_pruned_model_evaluates_through_test_py(tmp_path, dataset_dir, pruned_mobilenet):
+    spec = importlib.util.spec_from_file_location("cracksense_test_script_for_pruning", REPO / "test.py")
+    test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test)
+    common = ["--device", "cpu", "--workers", "0", "--output_dir", str(tmp_path)]
+    test.main([str(dataset_dir / "test"), "--weights", str(pruned_mobilenet), *common])
+    test.main([str(dataset_dir / "test"), "--weights", str(pruned_mobilenet), "--pruned_model",
+               str(pruned_mobilenet), "--use_pruned", "--name", "seed_form", *common])
+    assert (tmp_path / "test" / "mb.xlsx").is_file() and (tmp_path / "test" / "seed_form.xlsx").is_file()
+
+
+def test_pruned_model_runs_through_inference_py(tmp_path, dataset_dir, pruned_mobilenet):
+    photo = sorted((dataset_dir / "test" / "Images").iterdir())[0]
+    inference.main(["--state_dict", str(pruned_mobilenet), "--image", str(photo), "--mode", "overlay",
+                    "--save_figure", "--device", "cpu", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "inference" / f"{photo.stem}_overlay.png").is_file()
