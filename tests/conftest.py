@@ -25,8 +25,13 @@ def run_script(*args, cwd=None, timeout=600):
 
 
 def assert_user_error(result, *fragments):
-    """Exit status 2, one line on stderr naming the problem, no traceback."""
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    """Exit status 2, one line on stderr naming the problem, no traceback.
+
+    Progress bars (tqdm's "NN%|" lines, and the blank line that clears one) are not counted: on a
+    terminal they are redrawn in place and cleared before the error line.
+    """
+    visible = (line.split("\r")[-1] for line in result.stderr.split("\n"))
+    lines = [line for line in visible if line.strip() and "%|" not in line]
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1, result.stderr

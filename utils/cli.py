@@ -49,6 +49,7 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except UserError as error:
+        _close_progress_bars()
         prog = os.path.basename(sys.argv[0]) or "cracksense"
         message = _last_line(str(error))
         print(f"{prog}: error: {message}", file=sys.stderr)
@@ -56,6 +57,14 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars():
+    """Clear bars an error interrupted, so the error line starts on a clean line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _last_line(text):
