@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import time
 
 import numpy as np
 import torch
