@@ -15,7 +15,8 @@ from utils.training import OPTIMIZERS, run
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("train_dir", metavar="TRAIN_DIR", help="training split (Images/ + Labels_grayscale/ or Labels_RGB/)")
+    parser.add_argument("train_dir", metavar="TRAIN_DIR",
+                        help="training split (Images/ + Labels_grayscale/ or Labels_RGB/)")
     parser.add_argument("val_dir", metavar="VAL_DIR", help="validation split, scored every epoch")
     parser.add_argument("run_name", metavar="RUN_NAME", help="name of the run folder under OUTPUT_DIR/runs/")
 
@@ -38,7 +39,8 @@ def get_args_parser():
     optim.add_argument("--crop_size", type=int, default=512, help="random crop side in px (default: %(default)s)")
     optim.add_argument("--eval_size", type=int, default=None,
                        help="validation images resized to this shorter side (default: native resolution)")
-    optim.add_argument("--lr", type=float, default=0.01, help="initial learning rate, poly decay (default: %(default)s)")
+    optim.add_argument("--lr", type=float, default=0.01,
+                       help="initial learning rate, poly decay (default: %(default)s)")
     optim.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(default: %(default)s)")
     optim.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
     optim.add_argument("--loss", default="ce_weighted", choices=LOSSES,
