@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import data  # noqa: E402
 from utils.checkpoint import load_for_inference  # noqa: E402
 from utils.cli import resolve_device, run_main  # noqa: E402
-from utils.evaluation import device_name, evaluate_split, strip_aux_head  # noqa: E402
-from utils.model import ARCHS, build  # noqa: E402
+from utils.evaluation import device_name, evaluate_split  # noqa: E402
+from utils.model import ARCHS, build, strip_aux_head  # noqa: E402
 from utils.synthetic import generate  # noqa: E402
 
 

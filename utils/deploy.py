@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from utils.checkpoint import load_model
 from utils.cli import UserError
-from utils.evaluation import default_name, strip_aux_head
-from utils.model import count_macs, forward_logits
+from utils.evaluation import default_name
+from utils.model import count_macs, forward_logits, strip_aux_head
 from utils.report import replace_atomically, write_csv
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"

@@ -22,7 +22,7 @@ from utils.checkpoint import load_for_inference
 from utils.cli import UserError, require_path, resolve_device
 from utils.distributed import DistContext
 from utils.engine import evaluate
-from utils.model import build, count_macs, count_parameters
+from utils.model import build, count_macs, count_parameters, strip_aux_head
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
 from utils.training import eval_loader
 
@@ -68,13 +68,6 @@ def refuse_existing(outputs, overwrite, save_predictions):
         taken.append(outputs.predictions)
     if taken:
         raise UserError(f"{taken[0]} already exists; choose another --name, or pass --overwrite to replace it")
-
-
-def strip_aux_head(model):
-    """Drop the auxiliary training head: torchvision still computes it in eval mode, wasting time at test."""
-    if getattr(model, "aux_classifier", None) is not None:
-        model.aux_classifier = None
-    return model
 
 
 def _versions(device):

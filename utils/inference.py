@@ -17,8 +17,7 @@ from tqdm import tqdm
 from utils.checkpoint import load_for_inference
 from utils.cli import UserError, require_path, resolve_device
 from utils.data import IMAGE_EXTENSIONS, MEAN, STD, encode_rgb_label, image_size, list_images, read_image
-from utils.evaluation import strip_aux_head
-from utils.model import forward_logits, sliding_window_logits
+from utils.model import forward_logits, sliding_window_logits, strip_aux_head
 from utils.report import replace_atomically
 from utils.visualize import (class_shares, format_share, has_display, overlay_figure, save_figure,
                              side_by_side_figure, use_window_backend)

@@ -106,6 +106,13 @@ def freeze_all_but_head(model):
             parameter.requires_grad_(True)
 
 
+def strip_aux_head(model):
+    """Drop the auxiliary training head: torchvision still computes it in eval mode, wasting time at test."""
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None
+    return model
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
