@@ -10,17 +10,13 @@ same network also runs in onnxruntime. Prints the table and writes OUTPUT_DIR/be
 and NAME.png (latency against MACs); a rerun with the same --name replaces them and says so.
 """
 import argparse
-from pathlib import Path
 
-import torch
-
-from utils.cli import UserError, add_bool, resolve_device, run_main
-from utils.deploy import format_table, run_benchmark, write_benchmark
-from utils.evaluation import device_name
+from utils.cli import ArgumentParser, UserError, add_bool, plain_name, run_main, script_main
+from utils.deploy import run_benchmark as run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                         help="checkpoints to compare; ratios are against the first")
     parser.add_argument("--size", type=int, default=512, help="input side in px (default: %(default)s)")
@@ -41,26 +37,10 @@ def check_args(args):
     for option, low in (("size", 32), ("batch", 1), ("runs", 1), ("warmup", 0)):
         if getattr(args, option) < low:
             raise UserError(f"--{option} must be at least {low}, got {getattr(args, option)}")
-    if not args.name or Path(args.name).name != args.name:
-        raise UserError(f"--name {args.name!r} must be a plain file name (no folders)")
+    plain_name(args.name, "--name")
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    check_args(args)
-    device = resolve_device(args.device)
-    rows = run_benchmark(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
-                         args.channels_last, args.onnx, args.allow_pickle)
-    title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
-    print(f"{title}, {'float16' if args.half else 'float32'}, {args.runs} runs after {args.warmup} warm-up, "
-          f"torch {torch.__version__}")
-    print(format_table(rows))
-    for row in rows[1:]:
-        if row["backend"] == rows[0]["backend"]:
-            print(f"{row['model']}: {row['speedup']:.2f}x the speed of {rows[0]['model']} with "
-                  f"{1 / row['macs_ratio']:.2f}x fewer MACs and {1 / row['params_ratio']:.2f}x fewer parameters")
-    csv_path, png_path, existed = write_benchmark(rows, Path(args.output_dir) / "benchmark", args.name, title)
-    print(f"wrote {csv_path} and {png_path}{' (replacing the previous ones)' if existed else ''}")
+main = script_main(get_args_parser, run, check_args)
 
 
 if __name__ == "__main__":

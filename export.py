@@ -10,23 +10,15 @@ of pixels whose class agrees; exit status 1 when they are outside tolerance (flo
 99.9%; float16: 98% agreement). Then it prints the trtexec line that builds the TensorRT engine.
 """
 import argparse
-import copy
-import os
-import sys
-import time
 from pathlib import Path
 
-import torch
-
-from utils.checkpoint import load_model
-from utils.cli import UserError, add_bool, require_path, resolve_device, run_main
-from utils.deploy import (PARITY_RULE, LogitsOnly, check_parity, export_onnx, parity_passed,
-                          trtexec_command)
-from utils.evaluation import default_name
+from utils.cli import ArgumentParser, UserError, add_bool, default_name, require_path, run_main, script_main
+from utils.deploy import run_export
+from utils.files import refuse_existing
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="any checkpoint (dense or pruned) or plain state_dict")
     parser.add_argument("--output", metavar="MODEL.onnx", default=None,
                         help="ONNX file to write (default: OUTPUT_DIR/export/<checkpoint name>.onnx)")
@@ -54,43 +46,11 @@ def check_args(args):
     output = Path(args.output or Path(args.output_dir) / "export" / f"{default_name(args.checkpoint)}.onnx")
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output should end in .onnx, got {output}")
-    if output.exists() and not args.overwrite:
-        raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    return output
+    refuse_existing([output], args.overwrite, "choose another --output")
+    args.output = output
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    output = check_args(args)
-    device = resolve_device(args.device)
-    model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle)
-    reference = LogitsOnly(model, metadata["num_classes"]).eval()
-    network = copy.deepcopy(reference).half() if args.half else reference
-    started = time.perf_counter()
-    export_onnx(network, output, args.size, args.batch, args.dynamic, args.opset)
-    megabytes = os.path.getsize(output) / 2**20
-    print(f"wrote {output} ({megabytes:.1f} MB, {metadata['arch']}{' pruned' if metadata.get('pruning') else ''}, "
-          f"{'float16' if args.half else 'float32'}, opset {args.opset}, input image "
-          f"{'Nx3xHxW' if args.dynamic else f'{args.batch}x3x{args.size}x{args.size}'}) in "
-          f"{time.perf_counter() - started:.1f} s")
-
-    shapes = [(args.batch, args.size, args.size)]
-    if args.dynamic:
-        shapes.append((args.batch + 1, args.size // 2, args.size * 3 // 4))
-    with torch.no_grad():
-        rows = check_parity(reference, output, shapes, device)
-    for row in rows:
-        print(f"onnxruntime vs PyTorch (float32) on {row['shape']}: max abs logit diff {row['max_abs_diff']:.2e} "
-              f"(logits up to {row['max_abs_logit']:.3g}), mean {row['mean_abs_diff']:.2e}, argmax agreement "
-              f"{100 * row['argmax_agreement']:.3f}%")
-    if not parity_passed(rows, args.half):
-        print(f"export.py: parity check FAILED (tolerance: {PARITY_RULE[args.half]}); {output} was kept for "
-              f"inspection. Float32 rounding alone exceeds 1e-3 when logits run into the hundreds, as in an "
-              f"untrained network", file=sys.stderr)
-        sys.exit(1)
-    print("parity check passed")
-    print("build the TensorRT engine on the Jetson itself (engines are specific to the device):")
-    print(f"  {trtexec_command(output, args.size, args.dynamic)}")
+main = script_main(get_args_parser, run_export, check_args)
 
 
 if __name__ == "__main__":

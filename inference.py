@@ -13,12 +13,12 @@ photo runs on a CPU or a Jetson. Outputs: OUTPUT_DIR/inference/<stem>_<mode>.png
 """
 import argparse
 
-from utils.cli import add_bool, run_main, str2bool
+from utils.cli import ArgumentParser, add_bool, run_main, script_main, str2bool
 from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--state_dict", metavar="W.pth",
                        help="checkpoint or plain state_dict (thesis 8-output files too)")
@@ -55,8 +55,7 @@ def get_args_parser():
     return parser
 
 
-def main(argv=None):
-    run(get_args_parser().parse_args(argv))
+main = script_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

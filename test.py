@@ -11,7 +11,8 @@ row to OUTPUT_DIR/model_test_results.xlsx so variants (e.g. pruned ones) sit sid
 """
 import argparse
 
-from utils.cli import ArgumentParser, UserError, add_bool, run_main
+from utils.checkpoint import check_model_options
+from utils.cli import ArgumentParser, UserError, add_bool, run_main, script_main
 from utils.evaluation import run
 
 
@@ -61,10 +62,7 @@ def get_args_parser():
 
 def check_args(args):
     """Value checks argparse cannot do; each failure is one line and exit status 2."""
-    if args.use_pruned and not args.pruned_model:
-        raise UserError("--use_pruned needs --pruned_model P.pth (the pruned architecture)")
-    if not args.weights and not args.pruned_model:
-        raise UserError("no model given: pass --weights W.pth (and/or --pruned_model P.pth)")
+    check_model_options(args.weights, args.pruned_model, args.use_pruned)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     for option in ("eval_size", "tile"):
@@ -78,10 +76,7 @@ def check_args(args):
             raise UserError(f"--{option} cannot be negative, got {getattr(args, option)}")
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    check_args(args)
-    return run(args)
+main = script_main(get_args_parser, run, check_args)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ and NAME_steps.csv (per step: ratio, MACs, params, val mIoU, seconds).
 """
 import argparse
 
-from utils.cli import UserError, add_bool, resolve_device, run_main
+from utils.cli import ArgumentParser, UserError, add_bool, plain_name, resolve_device, run_main, script_main
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS
-from utils.pruning import IMPORTANCES, run
-from utils.training import OPTIMIZERS
+from utils.prune_ops import IMPORTANCES
+from utils.pruning import run
+from utils.recipe import OPTIMIZERS
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     model = parser.add_argument_group("model to prune")
     model.add_argument("--state_dict", metavar="W.pth",
@@ -117,15 +118,12 @@ def check_args(args):
         raise UserError(f"--round_to must be a positive number of channels, got {args.round_to}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.model_name is not None and (not args.model_name.strip() or any(c in args.model_name for c in "/\\")):
-        raise UserError(f"--model_name must be a plain file name without folders, got {args.model_name!r}")
+    if args.model_name is not None:
+        plain_name(args.model_name, "--model_name")
     args.device = str(resolve_device(args.device))
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    check_args(args)
-    return run(args)
+main = script_main(get_args_parser, run, check_args)
 
 
 if __name__ == "__main__":

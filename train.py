@@ -7,10 +7,11 @@ Writes results/runs/RUN_NAME/: last.pth, best.pth, metrics.csv, curves.png, args
 """
 import argparse
 
-from utils.cli import ArgumentParser, add_bool, run_main
+from utils.cli import ArgumentParser, UserError, add_bool, run_main, script_main
 from utils.losses import LOSSES
 from utils.model import ARCHS, DEFAULT_ARCH, INITS
-from utils.training import OPTIMIZERS, run
+from utils.recipe import OPTIMIZERS
+from utils.training import run
 
 
 def get_args_parser():
@@ -62,17 +63,18 @@ def get_args_parser():
     return parser
 
 
-def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+def check_args(args):
+    """Value checks argparse cannot do; each failure is one line and exit status 2."""
     for name in ("epochs", "batch_size", "crop_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0:
-        parser.error("--lr must be positive")
+        raise UserError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0 or args.patience < 0:
-        parser.error("--workers and --patience cannot be negative")
-    run(args)
+        raise UserError("--workers and --patience cannot be negative")
+
+
+main = script_main(get_args_parser, run, check_args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,14 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import data  # noqa: E402
 from utils.checkpoint import load_for_inference  # noqa: E402
-from utils.cli import resolve_device, run_main  # noqa: E402
-from utils.evaluation import device_name, evaluate_split  # noqa: E402
+from utils.engine import autocast  # noqa: E402
+from utils.cli import ArgumentParser, device_name, resolve_device, run_main  # noqa: E402
+from utils.evaluation import evaluate_split  # noqa: E402
 from utils.model import ARCHS, build, strip_aux_head  # noqa: E402
 from utils.synthetic import generate  # noqa: E402
+from utils.timing import time_calls  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a labelled split folder (default: generated images)")
     parser.add_argument("--weights", help="a checkpoint (default: an untrained --arch)")
     parser.add_argument("--arch", default="deeplabv3_resnet101", choices=list(ARCHS), help="(default: %(default)s)")
@@ -43,22 +44,16 @@ def get_args_parser():
     return parser
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def bare_forward_rate(model, batches, device, amp):
     """Images per second of model(images) alone, inputs already on the device."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    _synchronize(device)
-    started = time.perf_counter()
-    for images in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            model(images)
-    _synchronize(device)
-    return sum(len(images) for images in batches) / (time.perf_counter() - started)
+    def forward_all():
+        for images in batches:
+            with autocast(device, amp):
+                model(images)
+
+    seconds = time_calls(forward_all, 1, 0, device)[0]
+    return sum(len(images) for images in batches) / seconds
 
 
 def loop_rate(model, dataset, device, args):

@@ -21,14 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import data, model as models  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
-from utils.cli import UserError, resolve_device, run_main  # noqa: E402
-from utils.pruning import (build_pruner, importance_name, interleaved_latencies, make_importance,  # noqa: E402
-                           prune_step, ratio_fraction)
+from utils.cli import ArgumentParser, UserError, resolve_device, run_main  # noqa: E402
+from utils.prune_ops import build_pruner, importance_name, make_importance, prune_step, ratio_fraction  # noqa: E402
 from utils.report import write_csv  # noqa: E402
+from utils.timing import interleaved_times  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default=models.DEFAULT_ARCH, choices=list(models.ARCHS),
                         help="network to prune (default: %(default)s)")
     parser.add_argument("--pruning_ratio", type=float, nargs="+", default=[50], metavar="PERCENT",
@@ -71,7 +71,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     networks = candidates(args)
-    times = interleaved_latencies([network.to(device) for _, _, network in networks], args.size, args.runs, device)
+    networks = [(name, percent, models.strip_aux_head(network).to(device).eval()) for name, percent, network in networks]
+    image = torch.randn(1, 3, args.size, args.size, device=device)
+    calls = [lambda network=network: network(image) for _, _, network in networks]
+    with torch.inference_mode():
+        times = interleaved_times(calls, args.runs, 1, device)
     rows = []
     for (name, percent, network), seconds in zip(networks, times):
         macs, params = models.count_macs(network, args.size, device)

@@ -7,6 +7,7 @@ from torchvision import tv_tensors
 
 from conftest import assert_user_error, run_script
 from utils import data
+from utils.data.__main__ import main as data_main
 from utils.synthetic import generate
 
 
@@ -194,7 +195,7 @@ def test_rgb2gray_writes_matching_labels_and_refuses_overwrite(tmp_path):
     for path in (split / data.GRAY_DIR).iterdir():
         path.unlink()
     (split / data.GRAY_DIR).rmdir()
-    data.main(["rgb2gray", str(split)])
+    data_main(["rgb2gray", str(split)])
     assert {p.name: np.array(Image.open(p)).tolist() for p in (split / data.GRAY_DIR).iterdir()} == \
         {name: array.tolist() for name, array in original.items()}
     before = (split / data.GRAY_DIR / "000.png").read_bytes()
@@ -211,7 +212,7 @@ def test_prepare_splits_release_by_published_numbering(tmp_path):
         (release / f"{number:03d}.png").write_bytes(source.read_bytes())
         rgb = source.parent.parent / data.RGB_DIR / source.name
         (release / f"{number:03d}_lab.png").write_bytes(rgb.read_bytes())
-    data.main(["prepare", str(release), str(tmp_path / "out")])
+    data_main(["prepare", str(release), str(tmp_path / "out")])
     for split, number in (("train", 5), ("val", 600), ("test", 700)):
         dataset = data.S2DSDataset(tmp_path / "out" / split)
         assert [s.name for s in dataset.samples] == [f"{number:03d}"]

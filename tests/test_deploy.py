@@ -74,7 +74,7 @@ def test_benchmark_prints_its_table_and_writes_csv_and_plot(tmp_path, mobilenet_
         assert column in header
     assert "lively_mobilenet: " in printed and "x the speed of deeplabv3_mobilenet_v3_large" in printed
     table = pd.read_csv(tmp_path / "benchmark" / "benchmark.csv")
-    assert list(table["backend"]) == ["pytorch", "onnxruntime", "pytorch", "onnxruntime"]
+    assert list(table["backend"]) == ["pytorch", "pytorch", "onnxruntime", "onnxruntime"]
     assert (table["median_ms"] > 0).all() and (table["p90_ms"] >= table["median_ms"]).all()
     np.testing.assert_allclose(table["macs_ratio"], 1.0)
     assert table.loc[0, "speedup"] == 1.0

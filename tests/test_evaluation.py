@@ -14,9 +14,8 @@ from PIL import Image
 from conftest import REPO, assert_user_error, run_script
 from utils import model as models
 from utils.checkpoint import make_checkpoint, save_atomic
-from utils.cli import UserError, run_main
+from utils.cli import UserError, default_name, run_main
 from utils.data import CLASS_NAMES, NUM_CLASSES
-from utils.evaluation import default_name
 
 # Loaded by path: "test" is also the name of Python's own regression-test package.
 _spec = importlib.util.spec_from_file_location("cracksense_test_script", REPO / "test.py")
@@ -232,7 +231,7 @@ def test_resnet101_with_sliding_window_and_boundary_ignore(dataset_dir, resnet10
 def test_default_name():
     assert default_name("results/pruned/r101_l2_50.pth") == "r101_l2_50"
     assert default_name("results/runs/demo/best.pth") == "demo_best"
-    assert default_name(None, "P.pth") == "P"
+    assert default_name("P.pth") == "P"
 
 
 def test_existing_report_is_kept_unless_overwrite(dataset_dir, mobilenet_checkpoint, tmp_path):
@@ -251,15 +250,10 @@ def test_existing_report_is_kept_unless_overwrite(dataset_dir, mobilenet_checkpo
     assert len(comparison_rows(tmp_path)) == 2  # the comparison keeps both runs
 
 
-def test_help_lists_the_options(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for option in ("--weights", "--pruned_model", "--use_pruned", "--device", "--batch_size", "--workers",
-                   "--eval_size", "--tile", "--stride", "--amp", "--boundary_ignore", "--lt_tolerance",
-                   "--save_predictions", "--name", "--output_dir", "--allow_pickle", "--overwrite"):
-        assert option in text, option
+def test_the_seed_command_parses_as_written():
+    args = test_script.get_args_parser().parse_args("TEST_DIR --weights W.pth --pruned_model P.pth --use_pruned".split())
+    assert (args.test_dir, args.weights, args.pruned_model, args.use_pruned) == ("TEST_DIR", "W.pth", "P.pth", True)
+    assert (args.batch_size, args.lt_tolerance, args.boundary_ignore, args.output_dir) == (1, 4, 0, "results")
 
 
 # --- bad inputs: one line, exit status 2 -----------------------------------------------------------------

@@ -1,4 +1,5 @@
 """utils.model: the four architectures, feature extraction, offline pretrained weights, tiled prediction."""
+import copy
 import urllib.error
 
 import pytest
@@ -72,8 +73,12 @@ def test_tiled_prediction_covers_large_images_at_full_size():
         models.sliding_window_logits(network, torch.randn(1, 3, 64, 64), 7, tile=32, stride=40)
 
 
-def test_count_macs_shrinks_with_input():
+def test_count_macs_counts_the_deployed_network_and_grows_with_input():
     network = models.build("deeplabv3_mobilenet_v3_large", 7, init="none")
     small, params = models.count_macs(network, 64)
     large, _ = models.count_macs(network, 128)
-    assert params == models.count_parameters(network) and 3.5 < large / small < 4.5
+    deployed = models.strip_aux_head(copy.deepcopy(network))
+    assert (small, params) == models.count_macs(deployed, 64)  # the aux head is never counted
+    assert params == models.count_parameters(deployed) < models.count_parameters(network)
+    assert network.aux_classifier is not None  # counting left the training network whole
+    assert 3.5 < large / small < 4.5

@@ -1,4 +1,4 @@
-"""The one checkpoint format (DESIGN section 4): self-describing, pickle-free, written atomically.
+"""The one checkpoint format (docs/ARCHITECTURE.md, "Checkpoints"): self-describing, pickle-free, atomic.
 
 Also reads the older kinds of file people have: a plain state_dict (the thesis' *_weights.pth,
 possibly with an 8th "boundary" output) and, only behind --allow_pickle, a whole pickled model.
@@ -11,8 +11,10 @@ import torch
 
 from utils.cli import UserError
 from utils.data import CLASS_NAMES, NUM_CLASSES
+from utils.distributed import unwrap
 from utils.files import replace_atomically
 from utils.model import ARCHS, build, has_aux
+from utils.prune_ops import replay_pruning_history
 
 FORMAT = "cracksense-checkpoint"
 VERSION = 1
@@ -21,11 +23,6 @@ VERSION = 1
 def save_atomic(obj, path):
     """torch.save through a temporary file beside `path`, then os.replace."""
     replace_atomically(str(path), lambda temporary: torch.save(obj, temporary))
-
-
-def unwrap(model):
-    """The bare network under DistributedDataParallel."""
-    return model.module if hasattr(model, "module") else model
 
 
 def make_checkpoint(model, arch, num_classes=NUM_CLASSES, pruning=None, **extra):
@@ -132,8 +129,6 @@ def build_from_checkpoint(checkpoint):
     model = build(checkpoint["arch"], checkpoint["num_outputs"], init="none",
                   aux_loss=checkpoint.get("aux_loss", has_aux(checkpoint["arch"])))
     if checkpoint.get("pruning"):
-        from utils.pruning import replay_pruning_history
-
         replay_pruning_history(model, checkpoint["pruning"])
     return model
 
@@ -172,21 +167,32 @@ def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES):
     return model.to(device).eval(), metadata
 
 
-def load_for_inference(weights=None, pruned_model=None, use_pruned=False, device="cpu", allow_pickle=False):
-    """The seed's loading rules for test.py and inference.py, in one place.
+def check_model_options(weights, pruned_model, use_pruned, weights_option="--weights"):
+    """The one rule for --weights/--pruned_model/--use_pruned, checked before anything is loaded.
 
-    --weights W alone: any self-describing checkpoint or plain state_dict. --pruned_model P with
-    --weights W (and --use_pruned): P's pruned architecture with W's weights. P alone: P itself.
+    W alone: a self-describing checkpoint or plain state_dict. P alone: the pruned checkpoint itself.
+    W with P and --use_pruned: W's weights in P's pruned architecture (the seed's form). W with P but
+    without --use_pruned is ambiguous and refused.
     """
     if use_pruned and not pruned_model:
         raise UserError("--use_pruned needs --pruned_model P.pth (the pruned architecture)")
     if not weights and not pruned_model:
-        raise UserError("no model given: pass --weights W.pth (or --pruned_model P.pth)")
-    if pruned_model:
-        model, metadata = load_model(pruned_model, allow_pickle=allow_pickle)
-        if weights:
-            checkpoint = read_checkpoint(weights, allow_pickle=allow_pickle)
-            load_weights(model, checkpoint["model"], weights)
-            metadata = {**metadata, "weights_path": str(weights)}
-        return model.to(device).eval(), metadata
-    return load_model(weights, device=device, allow_pickle=allow_pickle)
+        raise UserError(f"no model given: pass {weights_option} W.pth (or --pruned_model P.pth)")
+    if weights and pruned_model and not use_pruned:
+        raise UserError(f"{weights_option} and --pruned_model given without --use_pruned: add --use_pruned to load "
+                        f"{weights_option}'s weights into the pruned architecture of --pruned_model, or pass only "
+                        f"one of them")
+
+
+def load_for_inference(weights=None, pruned_model=None, use_pruned=False, device="cpu", allow_pickle=False,
+                       weights_option="--weights"):
+    """(model in eval mode, metadata) by check_model_options' rule, for test.py, inference.py and the study."""
+    check_model_options(weights, pruned_model, use_pruned, weights_option)
+    if not pruned_model:
+        return load_model(weights, device=device, allow_pickle=allow_pickle)
+    model, metadata = load_model(pruned_model, allow_pickle=allow_pickle)
+    if weights:
+        checkpoint = read_checkpoint(weights, allow_pickle=allow_pickle)
+        load_weights(model, checkpoint["model"], weights)
+        metadata = {**metadata, "weights_path": str(weights)}
+    return model.to(device).eval(), metadata

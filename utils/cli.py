@@ -1,12 +1,14 @@
-"""Command-line conventions shared by every script (DESIGN section 7).
+"""Command-line conventions shared by every script (docs/ARCHITECTURE.md, "Command line").
 
 Expected failures raise UserError; `run_main` turns them into one line on stderr and exit
 status 2, while unexpected errors keep their traceback.
 """
 import argparse
 import os
+import platform
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -42,6 +44,17 @@ def add_bool(parser, name, default=False, help=""):
     """A boolean option: `--flag` alone means True, `--flag False` spells it out."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default,
                         metavar="BOOL", help=f"{help} (default: {default})")
+
+
+def script_main(get_parser, run, check=None):
+    """A script's main(argv): parse, check what argparse cannot (check(args)), run(args)."""
+    def main(argv=None):
+        args = get_parser().parse_args(argv)
+        if check is not None:
+            check(args)
+        return run(args)
+
+    return main
 
 
 def run_main(main, argv=None):
@@ -107,3 +120,32 @@ def require_path(path, what, kind="any"):
     if kind == "dir" and not os.path.isdir(path):
         raise UserError(f"{what} is not a folder: {path}")
     return path
+
+
+def plain_name(value, option):
+    """A name that becomes a file or folder name: no separators, not '.'/'..', not empty, not absolute."""
+    text = str(value)
+    if (not text.strip() or text in (".", "..") or any(sep in text for sep in ("/", "\\", "\0"))
+            or os.path.isabs(text)):
+        raise UserError(f"{option} {value!r} must be a plain name (no folders, not '.' or '..', not empty)")
+    return text
+
+
+# File stems that say nothing about the model; default_name then takes the folder name too.
+GENERIC_STEMS = {"best", "last", "model", "checkpoint", "weights", "final"}
+
+
+def default_name(path):
+    """A short name for outputs from a weights file: 'r101_l2_50' from r101_l2_50.pth, 'demo_best' from
+    runs/demo/best.pth."""
+    path = Path(path)
+    if path.stem.lower() in GENERIC_STEMS and path.resolve().parent.name:
+        return f"{path.resolve().parent.name}_{path.stem}"
+    return path.stem
+
+
+def device_name(device):
+    """The GPU's name, or the CPU and its thread count, for reports and benchmark titles."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

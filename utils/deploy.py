@@ -4,10 +4,13 @@ export.py and benchmark.py are front doors to this module. The exported graph is
 network only: one tensor of main-head logits (no dict, no auxiliary head, no thesis 8th channel),
 so TensorRT's trtexec builds an engine from it directly.
 """
+import copy
 import os
+import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +20,11 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_model
-from utils.cli import UserError
-from utils.evaluation import default_name
+from utils.cli import UserError, default_name, device_name, resolve_device
+from utils.files import replace_atomically
 from utils.model import count_macs, forward_logits, strip_aux_head
-from utils.report import replace_atomically, write_csv
+from utils.report import write_csv
+from utils.timing import interleaved_times
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FLOAT32_MAX_DIFF = 1e-3      # acceptance bound for a float32 graph; float16 graphs are judged by argmax only
@@ -130,26 +134,42 @@ def trtexec_command(onnx_path, size, dynamic):
     return command
 
 
+def run_export(args):
+    """export.py: trace the checkpoint's deployed network to args.output, check it in onnxruntime, print the
+    trtexec line; exit status 1 when the parity check fails (the file is kept for inspection)."""
+    output = args.output
+    device = resolve_device(args.device)
+    model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle)
+    reference = LogitsOnly(model, metadata["num_classes"]).eval()
+    network = copy.deepcopy(reference).half() if args.half else reference
+    started = time.perf_counter()
+    export_onnx(network, output, args.size, args.batch, args.dynamic, args.opset)
+    megabytes = os.path.getsize(output) / 2**20
+    print(f"wrote {output} ({megabytes:.1f} MB, {metadata['arch']}{' pruned' if metadata.get('pruning') else ''}, "
+          f"{'float16' if args.half else 'float32'}, opset {args.opset}, input image "
+          f"{'Nx3xHxW' if args.dynamic else f'{args.batch}x3x{args.size}x{args.size}'}) in "
+          f"{time.perf_counter() - started:.1f} s")
+
+    shapes = [(args.batch, args.size, args.size)]
+    if args.dynamic:
+        shapes.append((args.batch + 1, args.size // 2, args.size * 3 // 4))
+    with torch.no_grad():
+        rows = check_parity(reference, output, shapes, device)
+    for row in rows:
+        print(f"onnxruntime vs PyTorch (float32) on {row['shape']}: max abs logit diff {row['max_abs_diff']:.2e} "
+              f"(logits up to {row['max_abs_logit']:.3g}), mean {row['mean_abs_diff']:.2e}, argmax agreement "
+              f"{100 * row['argmax_agreement']:.3f}%")
+    if not parity_passed(rows, args.half):
+        print(f"export.py: parity check FAILED (tolerance: {PARITY_RULE[args.half]}); {output} was kept for "
+              f"inspection. Float32 rounding alone exceeds 1e-3 when logits run into the hundreds, as in an "
+              f"untrained network", file=sys.stderr)
+        sys.exit(1)
+    print("parity check passed")
+    print("build the TensorRT engine on the Jetson itself (engines are specific to the device):")
+    print(f"  {trtexec_command(output, args.size, args.dynamic)}")
+
+
 # --- benchmark ---------------------------------------------------------------------------------------------
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(call, runs, warmup, device):
-    """Seconds of each of `runs` calls after `warmup` untimed ones (GPU work waited for)."""
-    for _ in range(warmup):
-        call()
-    _synchronize(device)
-    seconds = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        _synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return np.array(seconds)
-
 
 def latency_row(label, backend, facts, seconds, batch):
     """One table row: the model's facts and its median / p90 latency per batch."""
@@ -165,9 +185,17 @@ def unique_labels(paths):
             for index, label in enumerate(labels)]
 
 
-def benchmark_checkpoint(path, label, size, batch, device, runs, warmup, half=False, channels_last=False,
-                         onnx=False, allow_pickle=False):
-    """Rows (PyTorch, and onnxruntime with onnx=True) of one checkpoint: size, MACs and latency."""
+@dataclass
+class Variant:
+    """One checkpoint ready to time: its facts, the deployed network on the device, and its input batch."""
+    label: str
+    facts: dict
+    network: nn.Module
+    image: torch.Tensor
+
+
+def prepare_variant(path, label, size, batch, device, half=False, channels_last=False, allow_pickle=False):
+    """Load a checkpoint as deployed (main-head logits only), count its MACs, move it and its input."""
     model, metadata = load_model(path, device="cpu", allow_pickle=allow_pickle)
     network = LogitsOnly(model, metadata["num_classes"]).eval()
     macs, params = count_macs(network, size)
@@ -175,23 +203,36 @@ def benchmark_checkpoint(path, label, size, batch, device, runs, warmup, half=Fa
     facts = {"checkpoint": str(path), "arch": metadata["arch"], "pruned": bool(metadata.get("pruning")),
              "params_m": params / 1e6, "gmacs": macs / 1e9, "size": size, "batch": batch, "device": str(device),
              "dtype": str(dtype).replace("torch.", ""), "channels_last": channels_last}
-    network = network.to(device, dtype)
-    if channels_last:
-        network = network.to(memory_format=torch.channels_last)
-    image = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network = network.to(device, dtype).to(memory_format=memory_format)
+    image = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    return Variant(label, facts, network, image)
+
+
+def _onnx_calls(variants, folder, device):
+    """One onnxruntime call per variant, each exported into `folder` first."""
+    calls = []
+    for index, variant in enumerate(variants):
+        network = variant.network.to(memory_format=torch.contiguous_format)
+        onnx_path = export_onnx(network, Path(folder) / f"model_{index}.onnx", variant.facts["size"],
+                                variant.facts["batch"])
+        session = onnx_session(onnx_path, device)
+        feed = _onnx_input(session, variant.image)
+        calls.append(lambda session=session, feed=feed: session.run([OUTPUT_NAME], feed))
+    return calls
+
+
+def time_variants(variants, runs, warmup, device, onnx=False):
+    """Rows of every variant (PyTorch, then onnxruntime with onnx=True), timed in interleaved rounds."""
+    batch = variants[0].facts["batch"]
     with torch.inference_mode():
-        rows = [latency_row(label, "pytorch", facts, time_calls(lambda: network(image), runs, warmup, device),
-                            batch)]
+        calls = [lambda variant=variant: variant.network(variant.image) for variant in variants]
+        times = interleaved_times(calls, runs, warmup, device)
+    rows = [latency_row(v.label, "pytorch", v.facts, seconds, batch) for v, seconds in zip(variants, times)]
     if onnx:
         with tempfile.TemporaryDirectory() as folder:
-            onnx_path = export_onnx(network.to(memory_format=torch.contiguous_format), Path(folder) / "model.onnx",
-                                    size, batch)
-            session = onnx_session(onnx_path, device)
-            feed = _onnx_input(session, image)
-            seconds = time_calls(lambda: session.run([OUTPUT_NAME], feed), runs, warmup, torch.device("cpu"))
-        rows.append(latency_row(label, "onnxruntime", facts, seconds, batch))
+            times = interleaved_times(_onnx_calls(variants, folder, device), runs, warmup, torch.device("cpu"))
+        rows += [latency_row(v.label, "onnxruntime", v.facts, seconds, batch) for v, seconds in zip(variants, times)]
     return rows
 
 
@@ -206,7 +247,7 @@ def add_ratios(rows):
     return rows
 
 
-def run_benchmark(paths, size=512, batch=1, device=torch.device("cpu"), runs=20, warmup=3, half=False,
+def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20, warmup=3, half=False,
                   channels_last=False, onnx=False, allow_pickle=False, progress=True):
     """Every checkpoint measured in one process, so the numbers are comparable; returns rows with ratios."""
     if half and device.type != "cuda":
@@ -214,12 +255,10 @@ def run_benchmark(paths, size=512, batch=1, device=torch.device("cpu"), runs=20,
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"checkpoint not found: {path}")
-    rows = []
-    for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="benchmark", disable=not progress,
-                            dynamic_ncols=True):
-        rows += benchmark_checkpoint(path, label, size, batch, device, runs, warmup, half, channels_last, onnx,
-                                     allow_pickle)
-    return add_ratios(rows)
+    variants = [prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle)
+                for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading", disable=not progress,
+                                        dynamic_ncols=True)]
+    return add_ratios(time_variants(variants, runs, warmup, device, onnx))
 
 
 TABLE_COLUMNS = (("model", "model", "{}"), ("backend", "backend", "{}"), ("params_m", "params (M)", "{:.2f}"),
@@ -271,3 +310,20 @@ def write_benchmark(rows, folder, name, title=""):
     write_csv(rows, str(csv_path))
     plot_latency_vs_macs(rows, png_path, title)
     return csv_path, png_path, existed
+
+
+def run_benchmark(args):
+    """benchmark.py: every checkpoint measured in one process, printed as a table, saved as CSV and plot."""
+    device = resolve_device(args.device)
+    rows = benchmark_rows(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
+                         args.channels_last, args.onnx, args.allow_pickle)
+    title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
+    print(f"{title}, {'float16' if args.half else 'float32'}, {args.runs} runs after {args.warmup} warm-up, "
+          f"torch {torch.__version__}")
+    print(format_table(rows))
+    for row in rows[1:]:
+        if row["backend"] == rows[0]["backend"]:
+            print(f"{row['model']}: {row['speedup']:.2f}x the speed of {rows[0]['model']} with "
+                  f"{1 / row['macs_ratio']:.2f}x fewer MACs and {1 / row['params_ratio']:.2f}x fewer parameters")
+    csv_path, png_path, existed = write_benchmark(rows, Path(args.output_dir) / "benchmark", args.name, title)
+    print(f"wrote {csv_path} and {png_path}{' (replacing the previous ones)' if existed else ''}")

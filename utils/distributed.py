@@ -38,6 +38,11 @@ def init_distributed(device_name):
     return DistContext(rank, world_size, local_rank, device)
 
 
+def unwrap(model):
+    """The bare network under DistributedDataParallel."""
+    return model.module if hasattr(model, "module") else model
+
+
 def cleanup(context):
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -12,22 +12,18 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from utils.checkpoint import unwrap
 from utils.cli import UserError
 from utils.data import CRACK_ID, IGNORE_INDEX
+from utils.distributed import unwrap
 from utils.metrics import ConfusionMatrix, ToleranceAccumulator, image_scores
 from utils.model import forward_logits, sliding_window_logits
+from utils.timing import synchronize
 
 
 def autocast(device, enabled):
     """Mixed precision in one place: float16 on CUDA (with a GradScaler), bfloat16 on CPU."""
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _all_reduce_sum(values, device):
@@ -79,7 +75,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch, schedule
         samples += images.shape[0]
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        _synchronize(device)
+        synchronize(device)
         ready = time.perf_counter()
         compute_seconds += ready - arrived
     total_loss, total_samples = _all_reduce_sum([loss_sum.item(), samples], device)
@@ -132,12 +128,12 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, prog
         for batch_images, batch_masks in pairs:
             batch_images = batch_images.to(device, non_blocking=True)
             batch_masks = batch_masks.to(device, non_blocking=True)
-            _synchronize(device)
+            synchronize(device)
             forward_started = time.perf_counter()
             with autocast(device, amp):
                 logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], tile, stride)
             prediction = logits.max(dim=1).indices  # same as argmax, several times faster on CPU
-            _synchronize(device)
+            synchronize(device)
             forward_seconds += time.perf_counter() - forward_started
             confusion.update(batch_masks, prediction)
             if criterion is not None:

@@ -19,16 +19,15 @@ from PIL import Image
 
 from utils import data
 from utils.checkpoint import load_for_inference
-from utils.cli import UserError, require_path, resolve_device
+from utils.cli import UserError, default_name, device_name, plain_name, require_path, resolve_device
 from utils.distributed import DistContext
 from utils.engine import evaluate
+from utils.files import refuse_existing
 from utils.model import build, count_macs, count_parameters, strip_aux_head
+from utils.recipe import eval_loader
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
-from utils.training import eval_loader
 
 COMPARISON_WORKBOOK = "model_test_results.xlsx"
-# File stems that say nothing about the model; the default --name then takes the folder name too.
-GENERIC_STEMS = {"best", "last", "model", "checkpoint", "weights", "final"}
 # Facts torchvision_pruning.py stores in a pruned checkpoint, with their summary-sheet labels.
 PRUNING_FACTS = {"pruning_ratio": "pruning ratio (%)", "importance": "pruning importance", "p_value": "pruning p-norm",
                  "iterative_steps": "pruning steps", "finetune_epochs": "fine-tuning epochs between steps",
@@ -43,31 +42,17 @@ class Outputs:
     comparison: Path
 
 
-def default_name(weights=None, pruned_model=None):
-    """The report name from the weights file: 'r101_l2_50' from r101_l2_50.pth, 'demo_best' from demo/best.pth."""
-    path = Path(weights or pruned_model)
-    if path.stem.lower() in GENERIC_STEMS and path.resolve().parent.name:
-        return f"{path.resolve().parent.name}_{path.stem}"
-    return path.stem
-
-
 def output_paths(output_dir, name):
-    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
-        raise UserError(f"--name {name!r} must be a plain file name (no folders)")
     folder = Path(output_dir) / "test"
+    name = plain_name(name, "--name")
     return Outputs(workbook=folder / f"{name}.xlsx", confusion_png=folder / f"{name}_confusion.png",
                    predictions=folder / f"{name}_predictions", comparison=Path(output_dir) / COMPARISON_WORKBOOK)
 
 
-def refuse_existing(outputs, overwrite, save_predictions):
+def refuse_taken(outputs, overwrite, save_predictions):
     """Nothing is silently overwritten: an existing report of this name needs --overwrite."""
-    if overwrite:
-        return
-    taken = [path for path in (outputs.workbook, outputs.confusion_png) if path.exists()]
-    if save_predictions and outputs.predictions.is_dir() and any(outputs.predictions.iterdir()):
-        taken.append(outputs.predictions)
-    if taken:
-        raise UserError(f"{taken[0]} already exists; choose another --name, or pass --overwrite to replace it")
+    paths = [outputs.workbook, outputs.confusion_png] + ([outputs.predictions] if save_predictions else [])
+    refuse_existing(paths, overwrite, "choose another --name")
 
 
 def _versions(device):
@@ -83,12 +68,6 @@ def _versions(device):
         versions["cuda"] = torch.version.cuda
         versions["cudnn"] = str(torch.backends.cudnn.version())
     return versions
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def model_facts(model, metadata, input_size, device):
@@ -320,9 +299,9 @@ def format_summary(summary, per_class):
 def run(args):
     """test.py: evaluate one checkpoint on one labelled split and write its reports."""
     device = resolve_device(args.device)
-    args.name = args.name or default_name(args.weights, args.pruned_model)
+    args.name = args.name or default_name(args.weights or args.pruned_model)
     outputs = output_paths(args.output_dir, args.name)
-    refuse_existing(outputs, args.overwrite, args.save_predictions)
+    refuse_taken(outputs, args.overwrite, args.save_predictions)
     check_results_workbook(outputs.comparison)
     require_path(args.test_dir, "test folder", "dir")
     dataset = data.S2DSDataset(args.test_dir, data.EvalTransform(args.eval_size), require_labels=True,

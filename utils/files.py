@@ -1,6 +1,10 @@
-"""Atomic file replacement: a crash or a full disk never leaves half a checkpoint or table behind."""
+"""Output files: atomic replacement (a crash or a full disk never leaves half a checkpoint or table behind)
+and the one "refuse an existing output unless --overwrite" rule."""
 import os
 import tempfile
+from pathlib import Path
+
+from utils.cli import UserError
 
 
 def _temporary_beside(path, suffix):
@@ -30,3 +34,18 @@ def replace_atomically(path, write):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _taken(path):
+    """An existing file, or a folder with something in it (an empty folder holds nothing to lose)."""
+    path = Path(path)
+    return path.is_dir() and any(path.iterdir()) or (path.exists() and not path.is_dir())
+
+
+def refuse_existing(paths, overwrite, hint="choose another name"):
+    """Nothing is silently overwritten: the first existing output is refused unless --overwrite."""
+    if overwrite:
+        return
+    for path in paths:
+        if _taken(path):
+            raise UserError(f"{path} already exists; pass --overwrite to replace it, or {hint}")

@@ -14,11 +14,11 @@ from matplotlib import pyplot as plt
 from PIL import Image
 from tqdm import tqdm
 
-from utils.checkpoint import load_for_inference
+from utils.checkpoint import check_model_options, load_for_inference
 from utils.cli import UserError, require_path, resolve_device
-from utils.data import IMAGE_EXTENSIONS, MEAN, STD, encode_rgb_label, image_size, list_images, read_image
+from utils.data import IMAGE_EXTENSIONS, encode_rgb_label, image_size, image_to_tensor, list_images, read_image
 from utils.model import forward_logits, sliding_window_logits, strip_aux_head
-from utils.report import replace_atomically
+from utils.files import replace_atomically
 from utils.visualize import (class_shares, format_share, has_display, overlay_figure, save_figure,
                              side_by_side_figure, use_window_backend)
 
@@ -105,11 +105,8 @@ def check_images(images):
 
 
 def to_batch(image, device, dtype):
-    """(H,W,3) uint8 -> normalised (1,3,H,W) tensor, as in training's EvalTransform."""
-    tensor = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].to(torch.float32) / 255.0
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    return ((tensor - mean) / std).to(dtype)
+    """(H,W,3) uint8 -> normalised (1,3,H,W) tensor by the dataset's own normalisation."""
+    return image_to_tensor(image)[None].to(device, dtype)
 
 
 def uses_tiles(height, width, tile, max_size):
@@ -157,10 +154,7 @@ def save_png(array, path):
 def check_args(args):
     """Value checks argparse cannot do; each failure is one line and exit status 2."""
     args.mode = parse_modes(args.mode)
-    if args.use_pruned and not args.pruned_model:
-        raise UserError("--use_pruned needs --pruned_model P.pth (the pruned architecture)")
-    if not args.state_dict and not args.pruned_model:
-        raise UserError("no model given: pass --state_dict W.pth (and/or --pruned_model P.pth)")
+    check_model_options(args.state_dict, args.pruned_model, args.use_pruned, "--state_dict")
     if args.tile is not None and args.tile < 32:
         raise UserError(f"--tile must be at least 32 px, got {args.tile}")
     if args.stride is not None and not 0 < args.stride <= (args.tile or DEFAULT_TILE):
@@ -189,7 +183,7 @@ def load_network(args, device):
     if args.half and device.type != "cuda":
         raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half (float32 is used)")
     model, metadata = load_for_inference(args.state_dict, args.pruned_model, args.use_pruned, device,
-                                         args.allow_pickle)
+                                         args.allow_pickle, "--state_dict")
     strip_aux_head(model)
     dtype = torch.float16 if args.half else torch.float32
     return model.to(dtype), metadata, dtype

@@ -1,4 +1,4 @@
-"""Segmentation metrics: one confusion matrix as the source of every pixel metric (DESIGN section 5).
+"""Segmentation metrics: one confusion matrix as the source of every pixel metric (docs/ARCHITECTURE.md, "Metrics").
 
 Model-free: imports no model code. Counts are accumulated as integers and all-reduced under DDP, so a
 split scored on several processes gives the same numbers as on one; ratios are taken only at the end,

@@ -4,6 +4,7 @@ Every script gets its network and its logits from here, so the dict output, the 
 8th channel and the resizing back to the label's resolution are handled in one place.
 """
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,18 @@ ARCHS = {
 }
 DEFAULT_ARCH = "deeplabv3_resnet101"
 INITS = ("coco", "imagenet", "none")
+
+
+@contextmanager
+def eval_mode(model, training=False):
+    """Run a block with the network in eval mode (or train mode with training=True), then put back the mode
+    it had: tracing, timing and counting must not change what the caller's next step sees."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def has_aux(arch):
@@ -170,15 +183,26 @@ def sliding_window_logits(model, image, num_classes, tile, stride=None, size=Non
     return logits
 
 
+@contextmanager
+def _without_aux(model):
+    """The network as deployed for a block: torchvision computes the auxiliary head even in eval mode."""
+    aux = getattr(model, "aux_classifier", None)
+    if aux is not None:
+        model.aux_classifier = None
+    try:
+        yield model
+    finally:
+        if aux is not None:
+            model.aux_classifier = aux
+
+
 def count_macs(model, size=512, device="cpu"):
-    """(MACs, parameters) of one size x size image (or a (height, width) one), via torch-pruning's counter."""
+    """(MACs, parameters) of the deployed network (auxiliary head dropped, as inference runs it) for one
+    size x size image (or a (height, width) one), via torch-pruning's counter: one convention everywhere."""
     import torch_pruning as tp
 
-    was_training = model.training
-    model.eval()
     height, width = (size, size) if isinstance(size, int) else size
     example = torch.zeros(1, 3, height, width, device=device)
-    with torch.no_grad():
+    with _without_aux(model), eval_mode(model), torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(model, example)
-    model.train(was_training)
     return int(macs), int(params)

@@ -1,91 +1,23 @@
 """The training run behind train.py: run folder, data, model, optimiser, the epoch loop, resuming.
 
-Kept out of train.py so the script stays a front door and pruning's fine-tuning reuses the same
-optimiser, scheduler and loader builders.
+A run-floor module (docs/ARCHITECTURE.md): the loop itself is utils.engine's, the loaders, optimiser
+and loss are utils.recipe's, so pruning's fine-tuning and the study train exactly the same way.
 """
 import json
 import os
-import random
 import shutil
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from utils import data, model as models
-from utils.checkpoint import load_model, load_weights, make_checkpoint, read_checkpoint, save_atomic, unwrap
-from utils.cli import UserError, require_path
-from utils.distributed import ShardSampler, broadcast_object, cleanup, init_distributed
+from utils.checkpoint import load_model, load_weights, make_checkpoint, read_checkpoint, save_atomic
+from utils.cli import UserError, plain_name, require_path
+from utils.distributed import broadcast_object, cleanup, init_distributed, unwrap
 from utils.engine import evaluate, train_one_epoch
-from utils.losses import SegmentationLoss
 from utils.metrics import per_class_metrics, summary_metrics
+from utils.recipe import build_optimizer, eval_loader, make_criterion, poly_scheduler, seed_everything, train_loader
 from utils.report import plot_curves, write_csv
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-def seed_everything(seed, deterministic=False):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def build_optimizer(model, name, lr, weight_decay, momentum=0.9):
-    """Optimiser over the trainable parameters only (frozen layers stay out)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
-        raise UserError("no trainable parameters: everything is frozen")
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise UserError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-
-
-def poly_scheduler(optimizer, total_steps, power=0.9):
-    """Polynomial decay per step, as in DeepLab and torchvision's segmentation reference."""
-    total_steps = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1 - min(step, total_steps) / total_steps) ** power)
-
-
-def train_loader(dataset, batch_size, workers, seed, context):
-    """Shuffled batches (sharded under torchrun); the last short batch is dropped because
-    BatchNorm in the ASPP pooling branch cannot train on a single sample."""
-    if len(dataset) < batch_size * context.world_size:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than --batch_size {batch_size}"
-                        f" x {context.world_size} process(es); lower --batch_size")
-    sampler = DistributedSampler(dataset, context.world_size, context.rank, shuffle=True, seed=seed) \
-        if context.enabled else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=context.device.type == "cuda", drop_last=True,
-                      persistent_workers=workers > 0, collate_fn=data.collate,
-                      generator=torch.Generator().manual_seed(seed + context.rank))
-
-
-def eval_loader(dataset, batch_size, workers, context):
-    sampler = ShardSampler(len(dataset), context.rank, context.world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=context.device.type == "cuda", persistent_workers=workers > 0,
-                      collate_fn=data.collate)
-
-
-def make_criterion(kind, dataset, progress):
-    """The loss; class weights for ce_weighted come from the training labels' pixel counts."""
-    weights = None
-    if kind == "ce_weighted":
-        pixels, _, _ = data.label_statistics(dataset, progress=progress)
-        weights = data.class_weights(pixels)
-    return SegmentationLoss(kind, weights)
 
 
 def _prepare_run_dir(run_dir, resume, overwrite):
@@ -139,29 +71,84 @@ def _epoch_row(epoch, train_stats, result, lr):
     return row
 
 
+@dataclass
+class Parts:
+    """Everything one training run steps through."""
+    model: torch.nn.Module
+    arch: str
+    pruning: list | None
+    criterion: torch.nn.Module
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: object = None
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the next epoch, the best val mIoU so far, the metric rows, epochs without gain."""
+    start_epoch: int = 1
+    best: float = -1.0
+    history: list = field(default_factory=list)
+    stale: int = 0
+
+    def record(self, row):
+        """Add an epoch's row; True when it is the best so far."""
+        self.history.append(row)
+        improved = row["val_miou"] > self.best
+        self.best, self.stale = (row["val_miou"], 0) if improved else (self.best, self.stale + 1)
+        return improved
+
+
 def run(args):
     """Train, evaluate every epoch, keep last.pth/best.pth/metrics.csv/curves.png current."""
     context = init_distributed(args.device)
     try:
-        _run(args, context)
+        _train(args, context)
     finally:
         cleanup(context)
 
 
-def _run(args, context):
+def _train(args, context):
+    run_dir = _set_up_run_dir(args, context)
+    seed_everything(args.seed + context.rank, args.deterministic)
+    parts = _set_up(args, context)
+    progress = _resume(parts, run_dir, context) if args.resume else Progress()
+    writer = _open_outputs(args, run_dir, context)
+    for epoch in range(progress.start_epoch, args.epochs + 1):
+        if args.patience and progress.stale >= args.patience:
+            break
+        row = _one_epoch(parts, args, context, epoch)
+        improved = progress.record(row)
+        if context.is_main:
+            _save(parts, args, run_dir, progress, improved, writer)
+            _print_epoch(row, args.epochs, improved)
+    if writer is not None:
+        writer.close()
+    if context.is_main:
+        print(f"done: best val mIoU {100 * progress.best:.2f}%; outputs in {run_dir}/ "
+              f"(best.pth, last.pth, metrics.csv, curves.png, args.json)")
+
+
+def _set_up_run_dir(args, context):
+    """OUTPUT_DIR/runs/RUN_NAME, checked (and emptied for --overwrite) by rank 0 before the others go on."""
     require_path(args.train_dir, "training folder", "dir")
     require_path(args.val_dir, "validation folder", "dir")
-    run_dir = os.path.join(args.output_dir, "runs", args.run_name)
+    run_dir = os.path.join(args.output_dir, "runs", plain_name(args.run_name, "RUN_NAME"))
     if context.is_main:
         _prepare_run_dir(run_dir, args.resume, args.overwrite)
     broadcast_object(None, context)
-    seed_everything(args.seed + context.rank, args.deterministic)
-    device, main = context.device, context.is_main
+    return run_dir
 
+
+def _set_up(args, context):
+    """Data, model (wrapped for DDP), loss, loaders, optimiser, schedule and scaler."""
+    device = context.device
     train_set = data.S2DSDataset(args.train_dir, data.train_transform(args.crop_size))
     val_set = data.S2DSDataset(args.val_dir, data.EvalTransform(args.eval_size))
     model, arch, pruning = _build_model(args)
-    criterion = make_criterion(args.loss, train_set, main).to(device)
+    criterion = make_criterion(args.loss, train_set, context.is_main).to(device)
     model.to(device)
     if context.enabled:
         if device.type == "cuda":  # SyncBatchNorm has no CPU kernels; gloo runs keep per-process statistics
@@ -173,67 +160,73 @@ def _run(args, context):
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     scheduler = poly_scheduler(optimizer, args.epochs * len(loader))
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler)
 
-    start_epoch, best, history, stale = 1, -1.0, [], 0
-    if args.resume:
-        state = read_checkpoint(os.path.join(run_dir, "last.pth"))
-        if state["arch"] != arch:
-            raise UserError(f"{run_dir}/last.pth is a {state['arch']} run, not {arch}")
-        load_weights(unwrap(model), state["model"], f"{run_dir}/last.pth")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"] + 1, state["best_metric"]
-        history, stale = list(state["metrics"]), state.get("epochs_without_improvement", 0)
-        if main:
-            print(f"resuming {run_dir} after epoch {state['epoch']} (best val mIoU {100 * best:.2f}%)")
 
-    writer = None
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as handle:
-            json.dump({**vars(args), "world_size": context.world_size, "torch": torch.__version__}, handle,
-                      indent=2)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+def _resume(parts, run_dir, context):
+    """Weights, optimiser, schedule, scaler and progress from the run's last.pth."""
+    path = os.path.join(run_dir, "last.pth")
+    state = read_checkpoint(path)
+    if state["arch"] != parts.arch:
+        raise UserError(f"{path} is a {state['arch']} run, not {parts.arch}")
+    load_weights(unwrap(parts.model), state["model"], path)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["lr_scheduler"])
+    if parts.scaler is not None and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
+    if context.is_main:
+        print(f"resuming {run_dir} after epoch {state['epoch']} (best val mIoU {100 * state['best_metric']:.2f}%)")
+    return Progress(state["epoch"] + 1, state["best_metric"], list(state["metrics"]),
+                    state.get("epochs_without_improvement", 0))
 
-            writer = SummaryWriter(run_dir)
 
-    for epoch in range(start_epoch, args.epochs + 1):
-        if args.patience and stale >= args.patience:
-            break
-        if context.enabled:
-            loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, loader, criterion, optimizer, device, epoch, scheduler, scaler,
-                                args.amp, progress=main)
-        result = evaluate(model, val_loader, device, data.NUM_CLASSES, criterion, args.amp, progress=main)
-        row = _epoch_row(epoch, stats, result, lr)
-        history.append(row)
-        improved = row["val_miou"] > best
-        best, stale = (row["val_miou"], 0) if improved else (best, stale + 1)
-        if main:
-            checkpoint = make_checkpoint(
-                model, arch, pruning=pruning, optimizer=optimizer.state_dict(),
-                lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                epoch=epoch, best_metric=best, epochs_without_improvement=stale, metrics=history,
-                args=vars(args))
-            if improved:
-                save_atomic(checkpoint, os.path.join(run_dir, "best.pth"))
-            save_atomic(checkpoint, os.path.join(run_dir, "last.pth"))
-            write_csv(history, os.path.join(run_dir, "metrics.csv"))
-            plot_curves(history, os.path.join(run_dir, "curves.png"), data.CLASS_NAMES)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and value is not None:
-                        writer.add_scalar(key, value, epoch)
-            print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f}  val loss "
-                  f"{row['val_loss']:.4f}  val mIoU {100 * row['val_miou']:.2f}%  crack IoU "
-                  f"{100 * row['val_iou_crack']:.2f}%  data {row['data_seconds']:.1f}s  compute "
-                  f"{row['compute_seconds']:.1f}s{'  (best)' if improved else ''}", flush=True)
+def _open_outputs(args, run_dir, context):
+    """args.json in the run folder, and the TensorBoard writer when asked for (rank 0 only)."""
+    if not context.is_main:
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as handle:
+        json.dump({**vars(args), "world_size": context.world_size, "torch": torch.__version__}, handle, indent=2)
+    if not args.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(run_dir)
+
+
+def _one_epoch(parts, args, context, epoch):
+    """Train one epoch, score the validation split; the epoch's metrics row."""
+    if context.enabled:
+        parts.loader.sampler.set_epoch(epoch)
+    lr = parts.optimizer.param_groups[0]["lr"]
+    stats = train_one_epoch(parts.model, parts.loader, parts.criterion, parts.optimizer, context.device, epoch,
+                            parts.scheduler, parts.scaler, args.amp, progress=context.is_main)
+    result = evaluate(parts.model, parts.val_loader, context.device, data.NUM_CLASSES, parts.criterion, args.amp,
+                      progress=context.is_main)
+    return _epoch_row(epoch, stats, result, lr)
+
+
+def _save(parts, args, run_dir, progress, improved, writer):
+    """last.pth (and best.pth when improved), metrics.csv, curves.png and TensorBoard scalars."""
+    row = progress.history[-1]
+    checkpoint = make_checkpoint(
+        parts.model, parts.arch, pruning=parts.pruning, optimizer=parts.optimizer.state_dict(),
+        lr_scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
+        epoch=row["epoch"], best_metric=progress.best, epochs_without_improvement=progress.stale,
+        metrics=progress.history, args=vars(args))
+    if improved:
+        save_atomic(checkpoint, os.path.join(run_dir, "best.pth"))
+    save_atomic(checkpoint, os.path.join(run_dir, "last.pth"))
+    write_csv(progress.history, os.path.join(run_dir, "metrics.csv"))
+    plot_curves(progress.history, os.path.join(run_dir, "curves.png"), data.CLASS_NAMES)
     if writer is not None:
-        writer.close()
-    if main:
-        print(f"done: best val mIoU {100 * best:.2f}%; outputs in {run_dir}/ "
-              f"(best.pth, last.pth, metrics.csv, curves.png, args.json)")
+        for key, value in row.items():
+            if key != "epoch" and value is not None:
+                writer.add_scalar(key, value, row["epoch"])
+
+
+def _print_epoch(row, epochs, improved):
+    print(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+          f"val mIoU {100 * row['val_miou']:.2f}%  crack IoU {100 * row['val_iou_crack']:.2f}%  data "
+          f"{row['data_seconds']:.1f}s  compute {row['compute_seconds']:.1f}s{'  (best)' if improved else ''}",
+          flush=True)

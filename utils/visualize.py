@@ -6,13 +6,16 @@ Pyplot's backend is the caller's choice (Agg unless inference.py --show asks for
 import os
 import sys
 
-import numpy as np
-from matplotlib import pyplot as plt
-from matplotlib.patches import Patch
+import matplotlib
 
-from utils.cli import UserError
-from utils.data import BACKGROUND_ID, CLASS_NAMES, NUM_CLASSES, PALETTE, encode_rgb_label
-from utils.report import replace_atomically
+matplotlib.use("Agg")  # files by default; inference.py --show switches to a window backend explicitly
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from utils.cli import UserError  # noqa: E402
+from utils.data import BACKGROUND_ID, CLASS_NAMES, NUM_CLASSES, PALETTE, encode_rgb_label  # noqa: E402
+from utils.files import replace_atomically  # noqa: E402
 
 DPI = 128  # a power of two: width_px / DPI * DPI is exact, so Agg's int() gives exactly the size asked for
 PANEL_PX = 768

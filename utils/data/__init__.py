@@ -1,12 +1,11 @@
-"""S2DS data: the class table, label decoding, the split dataset, joint transforms and dataset checks.
+"""S2DS data: the class table, label decoding, the split dataset and its joint transforms.
 
-Model-free: imports no model code. The class order is the one the published thesis code wrote
+Model-free: imports no model code (docs/ARCHITECTURE.md, floor 1). The dataset commands
+(check, rgb2gray, prepare) live in utils/data/__main__.py. The class order is the one the published thesis code wrote
 into Labels_grayscale, so existing grayscale labels and 8-output weights stay valid.
 """
 import random
 import re
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils.cli import ArgumentParser, UserError
+from utils.cli import UserError
 
-# id, name, colour in Labels_RGB (DESIGN section 3)
+# id, name, colour in Labels_RGB (docs/ARCHITECTURE.md, "Data")
 CLASSES = (
     (0, "background", (0, 0, 0)),
     (1, "control_point", (0, 0, 255)),
@@ -128,7 +127,7 @@ class Sample:
     def name(self):
         return self.image.stem
 
-def _label_stem(path):
+def label_stem(path):
     """A label's image stem: S2DS release labels are named NNN_lab.png."""
     return re.sub(r"_lab$", "", path.stem)
 
@@ -160,7 +159,7 @@ def find_samples(split_dir, require_labels=True, problems=None):
         return [Sample(p, None) for p in images]
     labels = {}
     for path in list_images(label_dir):
-        labels.setdefault(_label_stem(path), path)
+        labels.setdefault(label_stem(path), path)
     for stem in sorted(set(labels) - {p.stem for p in images}):
         refuse(f"label {labels[stem]} has no image in {image_dir} (files are paired by name)")
     samples = []
@@ -249,9 +248,20 @@ class RandomRot90:
         return (tv_tensors.wrap(torch.rot90(image, turns, dims=(-2, -1)), like=image),
                 tv_tensors.wrap(torch.rot90(mask, turns, dims=(-2, -1)), like=mask))
 
-def _to_normalized_float():
-    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            v2.Normalize(MEAN, STD)]
+def normalization():
+    """uint8 image -> float in [0, 1] -> ImageNet mean/std: the one input normalisation of every script
+    (training, evaluation, inference; export documents it as the ONNX graph's input contract)."""
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(MEAN, STD)]
+
+
+_NORMALIZE = v2.Compose(normalization())
+
+
+def image_to_tensor(image):
+    """An (H,W,3) uint8 photo as the normalised (3,H,W) float tensor the networks were trained on."""
+    return _NORMALIZE(tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+                      ).as_subclass(torch.Tensor)
+
 
 def train_transform(crop_size, scale=(0.5, 2.0)):
     """Random scale, random crop (mask padded with ignore), flips, rot90, photometric jitter."""
@@ -263,7 +273,7 @@ def train_transform(crop_size, scale=(0.5, 2.0)):
         v2.RandomVerticalFlip(),
         RandomRot90(),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
-        *_to_normalized_float(),
+        *normalization(),
     ])
 
 class EvalTransform:
@@ -271,7 +281,7 @@ class EvalTransform:
 
     def __init__(self, eval_size=None):
         self.eval_size = eval_size
-        self.normalize = v2.Compose(_to_normalized_float())
+        self.normalize = _NORMALIZE
 
     def __call__(self, image, mask):
         if self.eval_size:
@@ -305,121 +315,3 @@ def class_weights(pixel_counts):
     """ENet-style weights 1 / ln(1.02 + frequency): rare crack gets ~48x, background ~1.6x."""
     frequency = pixel_counts / max(1, pixel_counts.sum())
     return torch.tensor(1.0 / np.log(1.02 + frequency), dtype=torch.float32)
-
-def _check(split_dir):
-    """Print a per-class table of pixels and images, and every problem found; exit 1 on problems."""
-    from tqdm import tqdm
-
-    problems = []
-    samples = find_samples(split_dir, problems=problems)
-    pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
-    images = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for sample in tqdm(samples, desc="checking", leave=False):
-        try:
-            read_image(sample.image)
-            mask = read_label(sample.label)
-        except DatasetError as error:
-            problems.append(str(error))
-            continue
-        counts = np.bincount(mask.ravel(), minlength=256)[:NUM_CLASSES]
-        pixels += counts
-        images += counts > 0
-    total = max(1, pixels.sum())
-    label_dirs = sorted({s.label.parent.name for s in samples})
-    print(f"{split_dir}: {len(samples)} paired images, labels from {', '.join(label_dirs) or 'nowhere'}")
-    print(f"{'id':>3} {'class':<14} {'pixels':>14} {'share':>9} {'images':>7}")
-    for class_id, name, _ in CLASSES:
-        print(f"{class_id:>3} {name:<14} {pixels[class_id]:>14,d} {100 * pixels[class_id] / total:>8.3f}% "
-              f"{images[class_id]:>7d}")
-    if problems:
-        print(f"{len(problems)} problem(s):")
-        for problem in problems:
-            print(f"  {problem}")
-        return 1
-    print("no problems found")
-    return 0
-
-def _rgb2gray(split_dir):
-    """Write Labels_grayscale/ from Labels_RGB/; refuses to overwrite an existing grayscale label."""
-    from tqdm import tqdm
-
-    split = Path(split_dir)
-    rgb_dir, gray_dir = split / RGB_DIR, split / GRAY_DIR
-    if not rgb_dir.is_dir():
-        raise DatasetError(f"{split} has no {RGB_DIR}/ folder to convert")
-    sources = list_images(rgb_dir)
-    targets = [gray_dir / f"{_label_stem(p)}.png" for p in sources]
-    existing = [t for t in targets if t.exists()]
-    if existing:
-        raise DatasetError(f"{existing[0]} already exists ({len(existing)} file(s)); move {gray_dir} "
-                           f"away first, nothing was written")
-    gray_dir.mkdir(exist_ok=True)
-    for source, target in tqdm(list(zip(sources, targets)), desc="rgb2gray"):
-        Image.fromarray(read_label(source)).save(target)
-    print(f"wrote {len(targets)} grayscale labels to {gray_dir}")
-    return 0
-
-PUBLISHED_SPLITS = (("train", 0, 562), ("val", 563, 649), ("test", 650, 742))
-
-def _prepare(release_dir, out_dir):
-    """Turn the published release (NNN.png beside NNN_lab.png) into train/val/test split folders."""
-    from tqdm import tqdm
-
-    release, out = Path(release_dir), Path(out_dir)
-    if not release.is_dir():
-        raise DatasetError(f"release folder not found: {release}")
-    files = [p for p in release.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    labels = {p.stem[:-4]: p for p in files if p.stem.endswith("_lab")}
-    images = {p.stem: p for p in files if not p.stem.endswith("_lab")}
-    if not images:
-        raise DatasetError(f"{release} holds no NNN.png images")
-    for stem in sorted(images):
-        if stem not in labels:
-            raise DatasetError(f"image {images[stem]} has no {stem}_lab label in {release}")
-        if not stem.isdigit():
-            raise DatasetError(f"{images[stem]} is not named by the published numbering (NNN.png)")
-    for stem in sorted(set(labels) - set(images)):
-        raise DatasetError(f"label {labels[stem]} has no image {stem}.png in {release}")
-    for split, _, _ in PUBLISHED_SPLITS:
-        if (out / split).exists() and any((out / split).iterdir()):
-            raise DatasetError(f"{out / split} already exists and is not empty; choose another OUT_DIR")
-    counts = {}
-    for stem in tqdm(sorted(images), desc="prepare"):
-        number = int(stem)
-        split = next((s for s, low, high in PUBLISHED_SPLITS if low <= number <= high), None)
-        if split is None:
-            raise DatasetError(f"{images[stem]}: number {number} is outside the published 000-742")
-        ids = read_label(labels[stem], rgb=True)
-        for folder in (IMAGE_DIR, RGB_DIR, GRAY_DIR):
-            (out / split / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(images[stem], out / split / IMAGE_DIR / images[stem].name)
-        shutil.copy2(labels[stem], out / split / RGB_DIR / f"{stem}{labels[stem].suffix}")
-        Image.fromarray(ids).save(out / split / GRAY_DIR / f"{stem}.png")
-        counts[split] = counts.get(split, 0) + 1
-    print(f"wrote {out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s, _, _ in PUBLISHED_SPLITS))
-    return 0
-
-def main(argv=None):
-    parser = ArgumentParser(prog="python -m utils.data", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="per-class table of pixels and images, and any problems")
-    check.add_argument("split_dir", metavar="SPLIT_DIR")
-    to_gray = commands.add_parser("rgb2gray", help="write Labels_grayscale/ from Labels_RGB/")
-    to_gray.add_argument("split_dir", metavar="SPLIT_DIR")
-    prepare = commands.add_parser("prepare", help="published release -> train/val/test split folders")
-    prepare.add_argument("release_dir", metavar="RELEASE_DIR")
-    prepare.add_argument("out_dir", metavar="OUT_DIR")
-    args = parser.parse_args(argv)
-    if args.command == "check":
-        status = _check(args.split_dir)
-    elif args.command == "rgb2gray":
-        status = _rgb2gray(args.split_dir)
-    else:
-        status = _prepare(args.release_dir, args.out_dir)
-    if status:
-        sys.exit(status)
-
-if __name__ == "__main__":
-    from utils.cli import run_main
-
-    run_main(main)

@@ -1,0 +1,138 @@
+"""Dataset commands: `python -m utils.data check|rgb2gray|prepare`.
+
+    python -m utils.data check SPLIT_DIR               per-class pixel/image table and every problem found
+    python -m utils.data rgb2gray SPLIT_DIR            write Labels_grayscale/ from Labels_RGB/
+    python -m utils.data prepare RELEASE_DIR OUT_DIR   the published S2DS release -> train/val/test folders
+
+A run-floor module (docs/ARCHITECTURE.md): it uses the dataset module below it and nothing above.
+"""
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from utils.cli import ArgumentParser, run_main
+from utils.data import (CLASSES, GRAY_DIR, IMAGE_DIR, IMAGE_EXTENSIONS, NUM_CLASSES, RGB_DIR, DatasetError,
+                        find_samples, label_stem, list_images, read_image, read_label)
+
+
+def _check(split_dir):
+    """Print a per-class table of pixels and images, and every problem found; exit 1 on problems."""
+    problems = []
+    samples = find_samples(split_dir, problems=problems)
+    pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
+    images = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for sample in tqdm(samples, desc="checking", leave=False):
+        try:
+            read_image(sample.image)
+            mask = read_label(sample.label)
+        except DatasetError as error:
+            problems.append(str(error))
+            continue
+        counts = np.bincount(mask.ravel(), minlength=256)[:NUM_CLASSES]
+        pixels += counts
+        images += counts > 0
+    total = max(1, pixels.sum())
+    label_dirs = sorted({s.label.parent.name for s in samples})
+    print(f"{split_dir}: {len(samples)} paired images, labels from {', '.join(label_dirs) or 'nowhere'}")
+    print(f"{'id':>3} {'class':<14} {'pixels':>14} {'share':>9} {'images':>7}")
+    for class_id, name, _ in CLASSES:
+        print(f"{class_id:>3} {name:<14} {pixels[class_id]:>14,d} {100 * pixels[class_id] / total:>8.3f}% "
+              f"{images[class_id]:>7d}")
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  {problem}")
+        return 1
+    print("no problems found")
+    return 0
+
+
+
+def _rgb2gray(split_dir):
+    """Write Labels_grayscale/ from Labels_RGB/; refuses to overwrite an existing grayscale label."""
+    split = Path(split_dir)
+    rgb_dir, gray_dir = split / RGB_DIR, split / GRAY_DIR
+    if not rgb_dir.is_dir():
+        raise DatasetError(f"{split} has no {RGB_DIR}/ folder to convert")
+    sources = list_images(rgb_dir)
+    targets = [gray_dir / f"{label_stem(p)}.png" for p in sources]
+    existing = [t for t in targets if t.exists()]
+    if existing:
+        raise DatasetError(f"{existing[0]} already exists ({len(existing)} file(s)); move {gray_dir} "
+                           f"away first, nothing was written")
+    gray_dir.mkdir(exist_ok=True)
+    for source, target in tqdm(list(zip(sources, targets)), desc="rgb2gray"):
+        Image.fromarray(read_label(source)).save(target)
+    print(f"wrote {len(targets)} grayscale labels to {gray_dir}")
+    return 0
+
+
+
+PUBLISHED_SPLITS = (("train", 0, 562), ("val", 563, 649), ("test", 650, 742))
+
+
+
+def _prepare(release_dir, out_dir):
+    """Turn the published release (NNN.png beside NNN_lab.png) into train/val/test split folders."""
+    release, out = Path(release_dir), Path(out_dir)
+    if not release.is_dir():
+        raise DatasetError(f"release folder not found: {release}")
+    files = [p for p in release.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    labels = {p.stem[:-4]: p for p in files if p.stem.endswith("_lab")}
+    images = {p.stem: p for p in files if not p.stem.endswith("_lab")}
+    if not images:
+        raise DatasetError(f"{release} holds no NNN.png images")
+    for stem in sorted(images):
+        if stem not in labels:
+            raise DatasetError(f"image {images[stem]} has no {stem}_lab label in {release}")
+        if not stem.isdigit():
+            raise DatasetError(f"{images[stem]} is not named by the published numbering (NNN.png)")
+    for stem in sorted(set(labels) - set(images)):
+        raise DatasetError(f"label {labels[stem]} has no image {stem}.png in {release}")
+    for split, _, _ in PUBLISHED_SPLITS:
+        if (out / split).exists() and any((out / split).iterdir()):
+            raise DatasetError(f"{out / split} already exists and is not empty; choose another OUT_DIR")
+    counts = {}
+    for stem in tqdm(sorted(images), desc="prepare"):
+        number = int(stem)
+        split = next((s for s, low, high in PUBLISHED_SPLITS if low <= number <= high), None)
+        if split is None:
+            raise DatasetError(f"{images[stem]}: number {number} is outside the published 000-742")
+        ids = read_label(labels[stem], rgb=True)
+        for folder in (IMAGE_DIR, RGB_DIR, GRAY_DIR):
+            (out / split / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(images[stem], out / split / IMAGE_DIR / images[stem].name)
+        shutil.copy2(labels[stem], out / split / RGB_DIR / f"{stem}{labels[stem].suffix}")
+        Image.fromarray(ids).save(out / split / GRAY_DIR / f"{stem}.png")
+        counts[split] = counts.get(split, 0) + 1
+    print(f"wrote {out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s, _, _ in PUBLISHED_SPLITS))
+    return 0
+
+
+
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m utils.data", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="per-class table of pixels and images, and any problems")
+    check.add_argument("split_dir", metavar="SPLIT_DIR")
+    to_gray = commands.add_parser("rgb2gray", help="write Labels_grayscale/ from Labels_RGB/")
+    to_gray.add_argument("split_dir", metavar="SPLIT_DIR")
+    prepare = commands.add_parser("prepare", help="published release -> train/val/test split folders")
+    prepare.add_argument("release_dir", metavar="RELEASE_DIR")
+    prepare.add_argument("out_dir", metavar="OUT_DIR")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        status = _check(args.split_dir)
+    elif args.command == "rgb2gray":
+        status = _rgb2gray(args.split_dir)
+    else:
+        status = _prepare(args.release_dir, args.out_dir)
+    if status:
+        sys.exit(status)
+
+if __name__ == "__main__":
+    run_main(main)
