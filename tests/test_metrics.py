@@ -110,6 +110,29 @@ def test_class_in_ground_truth_never_predicted():
     assert_array(m["f1"], [2 / 3, 0])
 
 
+def test_a_network_predicting_only_background_gets_no_flattering_mean_precision():
+    # 4 classes; ground truth: 8 background, 1 crack-like class 1; prediction: all background.
+    # Rows: [8,0,0,0], [1,0,0,0], [0,0,0,0], [0,0,0,0]. Per class, precision [8/9, NaN, NaN, NaN]:
+    # the old nanmean gave 8/9 = 89%. Classes present (gt or prediction): 0 and 1, so the means are
+    # over two classes with class 1's undefined precision counted as 0.
+    target = torch.tensor([[0] * 8 + [1]])
+    prediction = torch.zeros_like(target)
+    s = summary_metrics(confusion_matrix(target, prediction, 4))
+    assert s["mean_precision"] == pytest.approx(4 / 9)  # (8/9 + 0) / 2
+    assert s["mean_recall"] == pytest.approx(1 / 2)  # (1 + 0) / 2
+    assert s["mean_f1"] == pytest.approx(8 / 17)  # (16/17 + 0) / 2
+    assert s["mean_iou"] == pytest.approx(4 / 9)  # (8/9 + 0) / 2, unchanged
+
+
+def test_mean_recall_counts_a_predicted_but_absent_class_as_zero():
+    # Rows: [1,0,1], [0,2,0], [0,0,0]: class 2 is predicted once, absent from the ground truth, so its
+    # recall is NaN per class but 0 in the mean over the three classes present (sklearn's zero_division=0).
+    target = torch.tensor([[0, 0, 1, 1]])
+    s = summary_metrics(confusion_matrix(target, torch.tensor([[0, 2, 1, 1]]), 3))
+    assert s["mean_precision"] == pytest.approx(2 / 3)  # (1 + 1 + 0) / 3
+    assert s["mean_recall"] == pytest.approx(1 / 2)  # (1/2 + 1 + 0) / 3
+
+
 def test_empty_matrix_refused():
     with pytest.raises(ValueError, match="no labelled pixels"):
         summary_metrics(np.zeros((3, 3), dtype=np.int64))

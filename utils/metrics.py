@@ -11,6 +11,9 @@ NaN conventions (per class, TP/FP/FN from the matrix):
     f1 (Dice) = 2TP / (2TP + FP + FN) NaN only when the class is absent from both
 So a class absent from both is NaN everywhere and left out of every mean (nanmean); a class predicted
 but absent from the ground truth scores IoU 0, F1 0, precision 0 (and recall NaN), and lowers the means.
+Mean precision and mean recall are taken over the same classes as mIoU (present in the ground truth or
+the prediction), a per-class NaN counting as 0 there: a network that predicts only background must not
+get its background precision as "mean precision" because the classes it never predicts drop out.
 """
 import numpy as np
 import torch
@@ -51,6 +54,12 @@ def _nanmean(values):
     values = np.asarray(values, dtype=np.float64)
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def _mean_over_present(values, iou):
+    """Mean over the classes present in the ground truth or the prediction (finite IoU), NaN counted as 0."""
+    present = ~np.isnan(np.asarray(iou, dtype=np.float64))
+    return _nanmean(np.nan_to_num(np.asarray(values, dtype=np.float64)[present], nan=0.0))
 
 
 def _ratio(numerator, denominator):
@@ -120,8 +129,8 @@ def summary_metrics(matrix, background_id=BACKGROUND_ID):
     """Split-level scalars from a confusion matrix, as Python floats (int for labelled_pixels).
 
     Keys: pixel_accuracy, mean_iou, mean_iou_no_background, mean_f1, mean_precision, mean_recall,
-    fw_iou (sum over classes of ground-truth pixel frequency * IoU) and labelled_pixels. Means are
-    nanmeans. A matrix with no labelled pixels is a ValueError: an empty split has no score, and
+    fw_iou (sum over classes of ground-truth pixel frequency * IoU) and labelled_pixels. Every mean is
+    over the classes present in the ground truth or the prediction (module docstring). A matrix with no labelled pixels is a ValueError: an empty split has no score, and
     reporting 0 or NaN would pass for a result.
     """
     matrix = _matrix_to_numpy(matrix)
@@ -138,8 +147,8 @@ def summary_metrics(matrix, background_id=BACKGROUND_ID):
         "mean_iou": _nanmean(iou),
         "mean_iou_no_background": _nanmean(np.delete(iou, background_id)),
         "mean_f1": _nanmean(per_class["f1"]),
-        "mean_precision": _nanmean(per_class["precision"]),
-        "mean_recall": _nanmean(per_class["recall"]),
+        "mean_precision": _mean_over_present(per_class["precision"], iou),
+        "mean_recall": _mean_over_present(per_class["recall"], iou),
         "fw_iou": fw_iou,
         "labelled_pixels": int(total),
     }
