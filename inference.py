@@ -8,8 +8,10 @@ Modes: side_by_side (photo | colour mask, legend of the classes present and thei
 overlay (the mask blended over the photo at the photo's own resolution, with the legend), save_mask
 (a class-id grayscale PNG and an RGB mask in the Labels_RGB palette, at the photo's resolution).
 Photos whose longer side exceeds --max_size are predicted in overlapping tiles, so a 6000x4000 px
-photo runs on a CPU or a Jetson. Outputs: OUTPUT_DIR/inference/<stem>_<mode>.png, and for save_mask
-<stem>_mask.png and <stem>_mask_rgb.png; a rerun replaces them (and says so), an input is never written over.
+photo runs on a CPU or a Jetson. Outputs: OUTPUT_DIR/inference/<stem>_<name>_<mode>.png, and for save_mask
+<stem>_<name>_mask.png and <stem>_<name>_mask_rgb.png, where <name> is --name or comes from the weights file
+(runs/demo/best.pth -> demo_best), so two models never write over each other's outputs; a rerun of the same
+model replaces them (and says so), an input is never written over.
 """
 import argparse
 
@@ -31,23 +33,31 @@ def get_args_parser():
     inputs.add_argument("--image", required=True, metavar="PATH",
                         help="a photo, a folder of photos (not recursive) or a quoted pattern like 'site/*.jpg'")
     inputs.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE, metavar="PX",
-                        help="photos whose longer side exceeds this are predicted in tiles (default: %(default)s)")
+                        help="photos whose longer side exceeds this are predicted in tiles; 0: every photo "
+                             "whole, in one forward, when it fits in memory (default: %(default)s)")
     inputs.add_argument("--tile", type=int, default=None, metavar="PX",
-                        help=f"tile side in px; given, every photo is tiled (default: {DEFAULT_TILE}, "
+                        help=f"largest tile side in px; given, every photo is tiled (default: {DEFAULT_TILE}, "
                              f"above --max_size only)")
     inputs.add_argument("--stride", type=int, default=None, metavar="PX",
-                        help="step between tiles; overlaps are blended (default: tile / 2)")
+                        help="largest step between tiles; windows are spread evenly over the photo and "
+                             "overlaps blended (default: 7/8 of the tile)")
+    inputs.add_argument("--tile_batch", type=int, default=1, metavar="N",
+                        help="tiles per forward: more keeps a GPU busy, costs N times the memory "
+                             "(default: %(default)s)")
     add_bool(inputs, "--half", False, "float16 on a CUDA GPU (e.g. a Jetson); refused on the CPU")
 
     output = parser.add_argument_group("output")
     output.add_argument("--mode", nargs="+", default=["overlay"], metavar="MODE",
                         help=f"one or more of {', '.join(MODES)} (default: overlay)")
     add_bool(output, "--save_figure", False,
-             "write figures to OUTPUT_DIR/inference/<stem>_<mode>.png (save_mask always writes its masks)")
+             "write figures to OUTPUT_DIR/inference/<stem>_<name>_<mode>.png (save_mask always writes its masks)")
     output.add_argument("--show", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
                         help="open the figures in a window (default: only when --save_figure is not given)")
     output.add_argument("--alpha", type=float, default=0.5,
                         help="opacity of the class colours in the overlay, 0-1 (default: %(default)s)")
+    output.add_argument("--name", default=None,
+                        help="the model's name in output file names and captions (default: from the weights "
+                             "file, e.g. demo_best from runs/demo/best.pth)")
     output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
 
     system = parser.add_argument_group("system")

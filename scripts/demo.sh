@@ -62,7 +62,8 @@ evaluation            $RESULTS/test/demo_best.xlsx, demo_best_confusion.png, dem
 pruned network        $RESULTS/pruned/demo_l2_50.pth and demo_l2_50_steps.csv
 fine-tuned pruned     $RESULTS/runs/demo_pruned/ and $RESULTS/test/demo_pruned_best.xlsx
 comparison workbook   $RESULTS/model_test_results.xlsx (one row per test.py run)
-inference figures     $RESULTS/inference/
+inference figures     $RESULTS/inference/ (<photo>_demo_best_overlay.png, _side_by_side.png, _mask.png;
+                      the pruned model's masks as <photo>_demo_pruned_best_mask.png)
 ONNX model            $RESULTS/export/ (see the trtexec line above)
 benchmark             $RESULTS/benchmark/
 EOT

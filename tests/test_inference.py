@@ -13,7 +13,7 @@ from utils.checkpoint import load_model, make_checkpoint, save_atomic
 from utils.cli import UserError, run_main
 from utils.inference import predict
 from utils.model import forward_logits, sliding_window_logits
-from utils.visualize import side_by_side_size
+from utils.visualize import blend, side_by_side_size
 
 
 def write_photo(path, width, height, seed=0):
@@ -46,7 +46,8 @@ def test_seed_command_runs_verbatim_on_resnet101(tmp_path, monkeypatch, resnet10
     monkeypatch.chdir(tmp_path)
     inference.main(["--state_dict", str(resnet101_checkpoint), "--image", "IMG.png", "--mode", "overlay",
                     "--save_figure"])
-    assert Image.open(tmp_path / "results" / "inference" / "IMG_overlay.png").size == (72, 56)
+    overlay = np.array(Image.open(tmp_path / "results" / "inference" / "IMG_deeplabv3_resnet101_overlay.png"))
+    assert overlay.shape[0] >= 56 and overlay.shape[1] > 72  # the photo, its legend in a strip beside it
     printed = capsys.readouterr().out
     assert "IMG.png: 72x56 px, whole" in printed and "classes:" in printed
     assert Image.open(photo).size == (72, 56)
@@ -56,26 +57,29 @@ def test_each_mode_writes_a_png_of_the_right_size(tmp_path, lively_mobilenet_che
     photo = write_photo(tmp_path / "site.jpg", 96, 72)
     folder = run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo,
                            "--mode", "side_by_side", "overlay", "save_mask", "--save_figure", "True")
-    assert Image.open(folder / "site_overlay.png").size == (96, 72)
-    assert Image.open(folder / "site_side_by_side.png").size == side_by_side_size(72, 96)
-    assert Image.open(folder / "site_mask.png").mode == "L"
-    assert Image.open(folder / "site_mask.png").size == (96, 72)
-    assert Image.open(folder / "site_mask_rgb.png").size == (96, 72)
+    assert Image.open(folder / "site_lively_mobilenet_side_by_side.png").size == side_by_side_size(72, 96)
+    assert Image.open(folder / "site_lively_mobilenet_mask.png").mode == "L"
+    assert Image.open(folder / "site_lively_mobilenet_mask.png").size == (96, 72)
+    assert Image.open(folder / "site_lively_mobilenet_mask_rgb.png").size == (96, 72)
+    ids = np.array(Image.open(folder / "site_lively_mobilenet_mask.png"))
+    overlay = np.array(Image.open(folder / "site_lively_mobilenet_overlay.png").convert("RGB"))
+    photo_pixels = blend(np.array(Image.open(photo).convert("RGB")), ids)
+    np.testing.assert_array_equal(overlay[:72, :96], photo_pixels)  # the legend hides none of the photo
 
 
 def test_save_mask_holds_the_prediction_in_the_palette(tmp_path, lively_mobilenet_checkpoint):
     photo = write_photo(tmp_path / "wall.png", 80, 64, seed=1)
     folder = run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo,
                            "--mode", "save_mask")
-    ids = np.array(Image.open(folder / "wall_mask.png"))
-    rgb = np.array(Image.open(folder / "wall_mask_rgb.png"))
+    ids = np.array(Image.open(folder / "wall_lively_mobilenet_mask.png"))
+    rgb = np.array(Image.open(folder / "wall_lively_mobilenet_mask_rgb.png"))
     model, _ = load_model(lively_mobilenet_checkpoint)
     expected = predict(model, np.array(Image.open(photo).convert("RGB")), data.NUM_CLASSES, torch.device("cpu"))
     np.testing.assert_array_equal(ids, expected)
     assert len(np.unique(ids)) > 1, "the lively model should predict several classes"
     np.testing.assert_array_equal(rgb, data.encode_rgb_label(ids))
     assert {tuple(c) for c in rgb.reshape(-1, 3)} <= {tuple(c) for c in data.PALETTE}
-    assert not (folder / "wall_overlay.png").exists()
+    assert not (folder / "wall_lively_mobilenet_overlay.png").exists()
 
 
 def test_a_folder_is_processed_whole_and_a_pattern_selects(tmp_path, lively_mobilenet_checkpoint, capsys):
@@ -87,7 +91,7 @@ def test_a_folder_is_processed_whole_and_a_pattern_selects(tmp_path, lively_mobi
     folder = run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photos,
                            "--mode", "save_mask")
     for index, size in enumerate(((64, 64), (80, 48), (48, 96))):
-        assert Image.open(folder / f"p{index}_mask.png").size == size
+        assert Image.open(folder / f"p{index}_lively_mobilenet_mask.png").size == size
     printed = capsys.readouterr().out
     assert printed.count(" px, whole, ") == 3 and "wrote 6 file(s)" in printed
 
@@ -102,11 +106,33 @@ def test_seed_command_on_a_pruned_checkpoint(tmp_path, pruned_checkpoint, capsys
     photo = write_photo(tmp_path / "IMG.png", 64, 64)
     folder = run_inference(tmp_path, "--state_dict", pruned_checkpoint, "--image", photo, "--mode", "overlay",
                            "--save_figure")
-    assert Image.open(folder / "IMG_overlay.png").size == (64, 64)
+    assert (folder / "IMG_pruned_overlay.png").is_file()
     run_inference(tmp_path, "--state_dict", pruned_checkpoint, "--pruned_model", pruned_checkpoint,
                   "--use_pruned", "--image", photo, "--mode", "side_by_side", "--save_figure")
-    assert "model: pruned deeplabv3_mobilenet_v3_large" in capsys.readouterr().out
-    assert (folder / "IMG_side_by_side.png").is_file()
+    assert (f"model: pruned (pruned) deeplabv3_mobilenet_v3_large, weights {pruned_checkpoint} in the pruned "
+            f"architecture of {pruned_checkpoint}") in capsys.readouterr().out
+    assert (folder / "IMG_pruned_side_by_side.png").is_file()
+
+
+def test_a_second_model_leaves_the_first_models_outputs_untouched(tmp_path, lively_mobilenet_checkpoint,
+                                                                  pruned_checkpoint, capsys):
+    photo = write_photo(tmp_path / "032.png", 64, 64)
+    modes = ("--mode", "overlay", "side_by_side", "save_mask", "--save_figure")
+    folder = run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo, *modes)
+    first = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert sorted(first) == ["032_lively_mobilenet_mask.png", "032_lively_mobilenet_mask_rgb.png",
+                             "032_lively_mobilenet_overlay.png", "032_lively_mobilenet_side_by_side.png"]
+    assert "model: lively_mobilenet (dense) deeplabv3_mobilenet_v3_large" in capsys.readouterr().out
+    run_inference(tmp_path, "--state_dict", pruned_checkpoint, "--image", photo, *modes)
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name in first} == first
+    assert len(list(folder.iterdir())) == 8
+    printed = capsys.readouterr().out
+    assert "model: pruned (pruned)" in printed and "replaced" not in printed
+    run_inference(tmp_path, "--state_dict", pruned_checkpoint, "--image", photo, "--mode", "save_mask",
+                  "--name", "field_v2")
+    assert (folder / "032_field_v2_mask.png").is_file()
+    with pytest.raises(UserError, match="--name"):
+        run_inference(tmp_path, "--state_dict", pruned_checkpoint, "--image", photo, "--name", "../x")
 
 
 def test_one_tile_the_size_of_the_image_equals_the_whole_image(lively_mobilenet_checkpoint):
@@ -155,7 +181,7 @@ def test_photos_above_max_size_are_tiled_at_full_size(tmp_path, lively_mobilenet
     folder = run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo, "--mode",
                            "save_mask", "--max_size", "64", "--tile", "48", "--stride", "32")
     assert "big.png: 100x60 px, tiled 48 px" in capsys.readouterr().out
-    assert Image.open(folder / "big_mask.png").size == (100, 60)
+    assert Image.open(folder / "big_lively_mobilenet_mask.png").size == (100, 60)
 
 
 def test_figures_without_display_or_save_figure_say_to_use_save_figure(tmp_path, monkeypatch,
@@ -173,11 +199,11 @@ def test_an_input_is_never_written_over(tmp_path, lively_mobilenet_checkpoint):
     folder = tmp_path / "out" / "inference"
     folder.mkdir(parents=True)
     write_photo(folder / "a.png", 64, 64)
-    write_photo(folder / "a_overlay.png", 64, 64, seed=5)
-    before = (folder / "a_overlay.png").read_bytes()
+    write_photo(folder / "a_lively_mobilenet_overlay.png", 64, 64, seed=5)
+    before = (folder / "a_lively_mobilenet_overlay.png").read_bytes()
     with pytest.raises(UserError, match="would overwrite the input image"):
         run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", folder, "--save_figure")
-    assert (folder / "a_overlay.png").read_bytes() == before
+    assert (folder / "a_lively_mobilenet_overlay.png").read_bytes() == before
 
 
 def test_half_is_refused_on_the_cpu(tmp_path, lively_mobilenet_checkpoint):

@@ -5,7 +5,6 @@ photos whose longer side exceeds --max_size (or every photo, when --tile is give
 sliding_window_logits, whose accumulator lives on the CPU so a 6000x4000 px photo fits a Jetson.
 """
 import glob
-import math
 import time
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.checkpoint import check_model_options, load_for_inference
-from utils.cli import UserError, require_path, resolve_device
+from utils.cli import UserError, default_name, plain_name, require_path, resolve_device
 from utils.data import IMAGE_EXTENSIONS, encode_rgb_label, image_size, image_to_tensor, list_images, read_image
-from utils.model import forward_logits, sliding_window_logits, strip_aux_head
+from utils.model import fold_batchnorm, forward_logits, sliding_window_logits, strip_aux_head, tile_cost
 from utils.files import replace_atomically
 from utils.visualize import (class_shares, format_share, has_display, overlay_figure, save_figure,
                              side_by_side_figure, use_window_backend)
@@ -63,10 +62,17 @@ def find_images(spec):
     return [path]
 
 
-def output_paths(output_dir, image_path, modes):
-    """{mode: [paths]} under OUTPUT_DIR/inference/: <stem>_<mode>.png, and for save_mask the two masks."""
+def model_name(args):
+    """--name, or a name from the weights file (cli.default_name: 'demo_best' from runs/demo/best.pth), so
+    two models' outputs for one photo never share a file name."""
+    return plain_name(args.name or default_name(args.state_dict or args.pruned_model), "--name")
+
+
+def output_paths(output_dir, image_path, modes, name):
+    """{mode: [paths]} under OUTPUT_DIR/inference/: <stem>_<name>_<mode>.png, and for save_mask the two
+    masks <stem>_<name>_mask.png and <stem>_<name>_mask_rgb.png."""
     folder = Path(output_dir) / OUTPUT_FOLDER
-    stem = image_path.stem
+    stem = f"{image_path.stem}_{name}"
     paths = {}
     for mode in modes:
         if mode == "save_mask":
@@ -76,14 +82,14 @@ def output_paths(output_dir, image_path, modes):
     return paths
 
 
-def plan_outputs(images, output_dir, modes, write_figures):
+def plan_outputs(images, output_dir, modes, write_figures, name):
     """{mode: paths to write} per image (none for figures only shown), refusing a run that would
     write over an input image or write one file twice."""
     inputs = {p.resolve() for p in images}
     owner = {}
     plans = []
     for image in images:
-        plan = output_paths(output_dir, image, modes)
+        plan = output_paths(output_dir, image, modes, name)
         for mode, paths in plan.items():
             if mode in FIGURE_MODES and not write_figures:
                 plan[mode] = []
@@ -110,36 +116,31 @@ def to_batch(image, device, dtype):
 
 
 def uses_tiles(height, width, tile, max_size):
-    """Tiles when --tile was given, or automatically when the longer side exceeds --max_size."""
-    return tile is not None or max(height, width) > max_size
-
-
-def tile_count(height, width, tile, stride):
-    """How many windows sliding_window_logits runs over an image (for the progress bar)."""
-    def along(length):
-        return 1 if length <= tile else math.ceil((length - tile) / stride) + 1
-    return along(height) * along(width)
+    """Tiles when --tile was given, or automatically when the longer side exceeds --max_size (never
+    automatically with --max_size 0: a photo that fits in memory is cheapest whole)."""
+    return tile is not None or 0 < max_size < max(height, width)
 
 
 @torch.no_grad()
 def predict(model, image, num_classes, device, tile=None, stride=None, max_size=DEFAULT_MAX_SIZE,
-            dtype=torch.float32, progress=False):
-    """Class ids (H,W uint8) of an (H,W,3) uint8 photo at its own size; whole or tiled (see uses_tiles)."""
+            dtype=torch.float32, progress=False, tile_batch=1):
+    """Class ids (H,W uint8) of an (H,W,3) uint8 photo at its own size; whole or tiled (see uses_tiles),
+    `tile_batch` windows per forward."""
     height, width = image.shape[:2]
     batch = to_batch(image, device, dtype)
     if not uses_tiles(height, width, tile, max_size):
         return forward_logits(model, batch, num_classes, size=(height, width)).argmax(1)[0].byte().cpu().numpy()
     tile = tile or DEFAULT_TILE
-    stride = stride or tile // 2
-    bar = tqdm(total=tile_count(height, width, tile, stride), desc="tiles", unit="tile", leave=False,
+    bar = tqdm(total=tile_cost(height, width, tile, stride)[0], desc="tiles", unit="tile", leave=False,
                disable=not progress, dynamic_ncols=True)
 
-    def count_tile(*_):  # a forward hook's return value would replace the output: return None
-        bar.update()
+    def count_tiles(_, inputs, __):  # a forward hook's return value would replace the output: return None
+        bar.update(inputs[0].shape[0])
 
-    hook = model.register_forward_hook(count_tile)
+    hook = model.register_forward_hook(count_tiles)
     try:
-        logits = sliding_window_logits(model, batch, num_classes, tile, stride, size=(height, width))
+        logits = sliding_window_logits(model, batch, num_classes, tile, stride, size=(height, width),
+                                       tile_batch=tile_batch)
     finally:
         hook.remove()
         bar.close()
@@ -159,8 +160,10 @@ def check_args(args):
         raise UserError(f"--tile must be at least 32 px, got {args.tile}")
     if args.stride is not None and not 0 < args.stride <= (args.tile or DEFAULT_TILE):
         raise UserError(f"--stride must be between 1 and the tile side ({args.tile or DEFAULT_TILE} px)")
-    if args.max_size < 32:
-        raise UserError(f"--max_size must be at least 32 px, got {args.max_size}")
+    if args.max_size != 0 and args.max_size < 32:
+        raise UserError(f"--max_size must be 0 (never tile on its own) or at least 32 px, got {args.max_size}")
+    if args.tile_batch < 1:
+        raise UserError(f"--tile_batch must be at least 1, got {args.tile_batch}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be between 0 and 1, got {args.alpha}")
 
@@ -184,18 +187,34 @@ def load_network(args, device):
         raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half (float32 is used)")
     model, metadata = load_for_inference(args.state_dict, args.pruned_model, args.use_pruned, device,
                                          args.allow_pickle, "--state_dict")
-    strip_aux_head(model)
+    fold_batchnorm(strip_aux_head(model).eval())
     dtype = torch.float16 if args.half else torch.float32
     return model.to(dtype), metadata, dtype
 
 
-def describe_model(metadata, device, dtype):
-    kind = "pruned " if metadata.get("pruning") else ""
-    return f"{kind}{metadata['arch']} from {metadata['path']} on {device} ({str(dtype).replace('torch.', '')})"
+def model_label(name, metadata):
+    """'demo_best (dense)': what every figure caption and console line calls the model."""
+    return f"{name} ({'pruned' if metadata.get('pruning') else 'dense'})"
 
 
-def write_outputs(image_path, image, ids, plan, alpha, title, show):
-    """Save (and/or show) one photo's outputs; returns the paths written."""
+def describe_tiling(height, width, tile, stride):
+    """'tiled 512 px, 35 windows, 1.28x the photo's pixels': what the overlap costs."""
+    count, cost = tile_cost(height, width, tile, stride)
+    return f"tiled {tile} px, {count} window{'s' if count > 1 else ''}, {cost:.2f}x the photo's pixels"
+
+
+def describe_model(name, metadata, device, dtype):
+    """The console's model line: the name the outputs carry, and the weights file that made them."""
+    if metadata.get("weights_path"):
+        source = f"weights {metadata['weights_path']} in the pruned architecture of {metadata['path']}"
+    else:
+        source = f"weights {metadata['path']}"
+    return (f"{model_label(name, metadata)} {metadata['arch']}, {source}, on {device} "
+            f"({str(dtype).replace('torch.', '')})")
+
+
+def write_outputs(image_path, image, ids, plan, alpha, title, label, show):
+    """Save (and/or show) one photo's outputs, captioned with the model's label; returns the paths written."""
     written = []
     for mode, paths in plan.items():
         if mode == "save_mask":
@@ -203,12 +222,15 @@ def write_outputs(image_path, image, ids, plan, alpha, title, show):
             save_png(encode_rgb_label(ids), paths[1])
             written += paths
             continue
-        figure = overlay_figure(image, ids, alpha) if mode == "overlay" else side_by_side_figure(image, ids, title)
+        if mode == "overlay":
+            figure = overlay_figure(image, ids, alpha, title=label)
+        else:
+            figure = side_by_side_figure(image, ids, title, prediction_title=f"prediction: {label}")
         if paths:
             save_figure(figure, paths[0])
             written += paths
         if show:
-            figure.canvas.manager.set_window_title(f"{image_path.name} ({mode})")
+            figure.canvas.manager.set_window_title(f"{image_path.name} ({mode}, {label})")
             plt.show()
         plt.close(figure)
     return written
@@ -217,14 +239,16 @@ def write_outputs(image_path, image, ids, plan, alpha, title, show):
 def run(args):
     """The whole inference run; prints the model, then one line per photo with its time and classes."""
     check_args(args)
+    name = model_name(args)
     images = find_images(args.image)
-    plans = plan_outputs(images, args.output_dir, args.mode, args.save_figure)
+    plans = plan_outputs(images, args.output_dir, args.mode, args.save_figure, name)
     sizes = check_images(images)
     show = display_plan(args)
     device = resolve_device(args.device)
     model, metadata, dtype = load_network(args, device)
     num_classes = metadata["num_classes"]
-    print(f"model: {describe_model(metadata, device, dtype)}")
+    label = model_label(name, metadata)
+    print(f"model: {describe_model(name, metadata, device, dtype)}")
     planned = [path for plan in plans for paths in plan.values() for path in paths]
     existing = sum(path.exists() for path in planned)
     written = []
@@ -235,13 +259,13 @@ def run(args):
         tiled = uses_tiles(height, width, args.tile, args.max_size)
         started = time.perf_counter()
         ids = predict(model, image, num_classes, device, args.tile, args.stride, args.max_size, dtype,
-                      progress=tiled)
+                      progress=tiled, tile_batch=args.tile_batch)
         seconds = time.perf_counter() - started
         found = ", ".join(f"{name} {format_share(share)}" for _, name, share in class_shares(ids))
-        how = f"tiled {args.tile or DEFAULT_TILE} px" if tiled else "whole"
+        how = describe_tiling(height, width, args.tile or DEFAULT_TILE, args.stride) if tiled else "whole"
         tqdm.write(f"{image_path.name}: {width}x{height} px, {how}, {seconds:.2f} s; classes: {found}")
-        title = f"{image_path.name} · {metadata['arch']} · {width}x{height} px"
-        written += write_outputs(image_path, image, ids, plan, args.alpha, title, show)
+        title = f"{image_path.name} · {width}x{height} px · {label} {metadata['arch']}"
+        written += write_outputs(image_path, image, ids, plan, args.alpha, title, label, show)
     if written:
         folder = Path(args.output_dir) / OUTPUT_FOLDER
         replaced = f" ({existing} replaced earlier outputs of the same name)" if existing else ""

@@ -3,6 +3,7 @@
 Colours are the Labels_RGB palette of utils.data, so a figure reads like the dataset's own labels.
 Pyplot's backend is the caller's choice (Agg unless inference.py --show asks for a window).
 """
+import math
 import os
 import sys
 
@@ -20,6 +21,8 @@ from utils.files import replace_atomically  # noqa: E402
 DPI = 128  # a power of two: width_px / DPI * DPI is exact, so Agg's int() gives exactly the size asked for
 PANEL_PX = 768
 LEGEND_PX = 112
+TITLE_PX = 32
+STRIP_FONT_PX = 13  # the overlay legend's smallest font; it grows with the photo (a 35th of its shorter side)
 GUI_BACKENDS = ("MacOSX", "QtAgg", "GTK4Agg", "GTK3Agg", "TkAgg", "WXAgg")
 
 
@@ -50,35 +53,43 @@ def legend_handles(shares):
             for class_id, name, share in shares]
 
 
-def overlay_figure(image, ids, alpha=0.5):
-    """The blended photo at its own pixel size (the PNG is W x H px), legend in a corner."""
+def overlay_figure(image, ids, alpha=0.5, title=""):
+    """The blended photo pixel for pixel at the PNG's top left and its legend (titled `title`) in a strip
+    beside it, so the legend hides no part of the photo however small; the font grows with the photo."""
     height, width = ids.shape
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     axis = figure.add_axes((0, 0, 1, 1))
     axis.imshow(blend(image, ids, alpha), interpolation="nearest")
     axis.set_axis_off()
-    font_px = float(np.clip(min(height, width) / 35, 8, 40))
-    axis.legend(handles=legend_handles(class_shares(ids)), loc="lower right", framealpha=0.75,
-                fontsize=font_px * 72 / DPI, handlelength=1.2, borderaxespad=0.3)
+    points = float(np.clip(min(height, width) / 35, STRIP_FONT_PX, 40)) * 72 / DPI
+    legend = figure.legend(handles=legend_handles(class_shares(ids)), loc="upper left", frameon=False,
+                           fontsize=points, title=title or None, title_fontsize=points, handlelength=1.2)
+    box = legend.get_window_extent(figure.canvas.get_renderer())
+    margin = math.ceil(points * DPI / 72 / 2)
+    total_width = width + math.ceil(box.width) + 3 * margin
+    total_height = max(height, math.ceil(box.height) + 2 * margin)
+    figure.set_size_inches(total_width / DPI, total_height / DPI)
+    axis.set_position((0, 1 - height / total_height, width / total_width, height / total_height))
+    legend.set_bbox_to_anchor(((width + margin) / total_width, 1 - margin / total_height))
     return figure
 
 
 def side_by_side_size(height, width):
-    """(width, height) in px of the side-by-side PNG: two PANEL_PX-wide panels, a legend strip below."""
-    return 2 * PANEL_PX, max(1, round(PANEL_PX * height / width)) + LEGEND_PX
+    """(width, height) in px of the side-by-side PNG: two PANEL_PX-wide panels, titles above, a legend strip below."""
+    return 2 * PANEL_PX, max(1, round(PANEL_PX * height / width)) + LEGEND_PX + TITLE_PX
 
 
-def side_by_side_figure(image, ids, title=""):
-    """Photo | colour mask with a shared legend of the classes present and their share of pixels."""
+def side_by_side_figure(image, ids, title="", prediction_title="prediction"):
+    """Photo | colour mask, each titled above (nothing drawn over the pictures), with a shared legend of the
+    classes present and their share of pixels, titled `title`."""
     width_px, height_px = side_by_side_size(*ids.shape)
     figure = plt.figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
-    bottom = LEGEND_PX / height_px
-    for index, (picture, label) in enumerate(((image, "photo"), (encode_rgb_label(ids), "prediction"))):
-        axis = figure.add_axes((index / 2 + 0.005, bottom, 0.49, 1 - bottom - 0.005))
+    bottom, top = LEGEND_PX / height_px, TITLE_PX / height_px
+    for index, (picture, label) in enumerate(((image, "photo"), (encode_rgb_label(ids), prediction_title))):
+        axis = figure.add_axes((index / 2 + 0.005, bottom, 0.49, 1 - bottom - top))
         axis.imshow(picture, interpolation="nearest")
         axis.set_axis_off()
-        axis.text(0.01, 0.99, label, transform=axis.transAxes, va="top", ha="left", fontsize=9,
-                  bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+        axis.set_title(label, fontsize=9, pad=4)
     shares = class_shares(ids)
     figure.legend(handles=legend_handles(shares), loc="lower center", ncol=min(4, max(1, len(shares))),
                   fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.0), title=title or None,
