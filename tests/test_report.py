@@ -134,3 +134,32 @@ def test_confusion_plot(tmp_path):
     plot_confusion(matrix, ["background", "control_point", "crack"], path, title="run: confusion matrix")
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 300
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plot functions close, kept open so a test can read their axes."""
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    return figures
+
+
+def test_confusion_colour_bar_is_in_the_cells_percent(tmp_path, kept_figures):
+    matrix = np.array([[0.9, 0.1], [0.25, 0.75]])
+    plot_confusion(matrix, ["background", "crack"], tmp_path / "c.png")
+    heatmap, colour_bar = kept_figures[0].axes
+    assert colour_bar.get_ylim() == (0.0, 100.0)
+    assert "%" in colour_bar.get_ylabel()
+    assert [text.get_text() for text in heatmap.texts] == ["90.0", "10.0", "25.0", "75.0"]
+    assert heatmap.images[0].get_array()[1, 0] == pytest.approx(25.0)  # colour of a cell = its printed %
+
+
+def test_curves_survive_a_loss_spike_and_count_whole_epochs(tmp_path, kept_figures):
+    rows = [{"epoch": 1, "train_loss": 1.9, "val_loss": 24642.0, "val_miou": 0.05, "val_iou_crack": 0.01},
+            {"epoch": 2, "train_loss": 0.8, "val_loss": 0.9, "val_miou": 0.21, "val_iou_crack": 0.1}]
+    report.plot_curves(rows, tmp_path / "curves.png", ["crack"])
+    loss_axis, iou_axis = kept_figures[0].axes
+    assert loss_axis.get_yscale() == "log"  # 0.8 and 0.9 stay apart from a 24,642 spike
+    for axis in (loss_axis, iou_axis):
+        ticks = [tick for tick in axis.get_xticks() if axis.get_xlim()[0] <= tick <= axis.get_xlim()[1]]
+        assert ticks == [1.0, 2.0]

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from openpyxl import Workbook, load_workbook  # noqa: E402
@@ -29,13 +30,17 @@ def write_csv(rows, path):
 
 
 def plot_curves(rows, path, class_names=()):
-    """Loss and IoU over epochs from metrics.csv rows: the first thing to look at after training."""
+    """Loss and IoU over epochs from metrics.csv rows: the first thing to look at after training.
+
+    Loss is on a log axis, so one early spike (an epoch-1 val loss in the thousands) does not flatten
+    the rest; epochs are whole numbers on the x axis however few there are.
+    """
     frame = pd.DataFrame(rows)
     figure, (loss_axis, iou_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     loss_axis.plot(frame["epoch"], frame["train_loss"], "o-", label="train loss")
     if frame["val_loss"].notna().any():
         loss_axis.plot(frame["epoch"], frame["val_loss"], "o-", label="val loss")
-    loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_axis.set(xlabel="epoch", ylabel="loss (log scale)", title="Loss", yscale="log")
     loss_axis.legend()
     iou_axis.plot(frame["epoch"], 100 * frame["val_miou"], "o-", color="black", linewidth=2.5, label="mIoU")
     for name in class_names:
@@ -45,7 +50,8 @@ def plot_curves(rows, path, class_names=()):
     iou_axis.set(xlabel="epoch", ylabel="IoU (%)", title="Validation IoU", ylim=(0, 100))
     iou_axis.legend(fontsize=8, ncol=2)
     for axis in (loss_axis, iou_axis):
-        axis.grid(alpha=0.3)
+        axis.grid(alpha=0.3, which="both")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
     plt.close(figure)
@@ -262,7 +268,7 @@ def plot_confusion(normalised, class_names, path, title="Confusion matrix"):
     size = max(5.0, 0.9 * len(class_names) + 2)
     figure, axis = plt.subplots(figsize=(size + 1, size))
     colours = plt.get_cmap("Blues").with_extremes(bad="lightgrey")
-    image = axis.imshow(np.ma.masked_invalid(matrix), cmap=colours, vmin=0, vmax=1)
+    image = axis.imshow(np.ma.masked_invalid(100 * matrix), cmap=colours, vmin=0, vmax=100)
     axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     axis.set_yticks(range(len(class_names)), class_names)
     axis.set(xlabel="prediction", ylabel="ground truth", title=f"{title}\n(% of each ground-truth class)")
@@ -270,7 +276,7 @@ def plot_confusion(normalised, class_names, path, title="Confusion matrix"):
         if not np.isnan(value):
             axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
                       color="white" if value > 0.5 else "black")
-    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the ground-truth class")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="% of the ground-truth class")
     figure.tight_layout()
     replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
