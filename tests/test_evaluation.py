@@ -1,4 +1,5 @@
 """test.py end to end: checkpoint kinds, the workbook against metrics recomputed with numpy, bad inputs."""
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
@@ -175,6 +176,18 @@ def test_workbook_is_formatted_for_people(varied_run):
     assert len(book["confusion_matrix"].conditional_formatting) == 1
 
 
+def test_summary_states_the_means_rule_and_installed_versions(varied_run):
+    summary = read_summary(varied_run / "test" / "varied_mobilenet.xlsx")
+    assert "counts as 0" in summary["means over classes"]
+    assert summary["version: torch-pruning"] == importlib.metadata.version("torch-pruning")
+    assert summary["version: torch"] == importlib.metadata.version("torch")
+    row = comparison_rows(varied_run).iloc[0]
+    assert row["MACs per image (all tiles)"] == summary["MACs per image at 48x48 (all tiles)"]
+    assert row["image size"] == "48x48" and row["eval size (shorter side, px)"] == 48
+    assert row["boundary ignore (px)"] == 0 and pd.isna(row["tile (px)"]) and pd.isna(row["pruning ratio (%)"])
+    assert row["latency per image (ms)"] > 0
+
+
 # --- checkpoint kinds ------------------------------------------------------------------------------------
 
 def test_thesis_state_dict_and_pruned_checkpoints_each_add_one_row(dataset_dir, pruned_files, tmp_path):
@@ -224,6 +237,11 @@ def test_resnet101_with_sliding_window_and_boundary_ignore(dataset_dir, resnet10
     for line_start in ("crack ", "mIoU ", "crack ltIoU (2 px tolerance) ", "mean latency per image"):
         assert any(line.startswith(line_start) for line in printed.splitlines()), line_start
     assert "model_test_results.xlsx now holds 1 run(s)" in printed
+    # 64 px covered by 48 px windows at most 32 apart: 2 windows of 40 px each way, so 4 per image.
+    row = comparison_rows(tmp_path).iloc[0]
+    assert (row["tile (px)"], row["stride (px)"], row["boundary ignore (px)"]) == (48, 32, 2)
+    network = models.strip_aux_head(models.build("deeplabv3_resnet101", NUM_CLASSES, init="none"))
+    assert row["MACs per image (all tiles)"] == 4 * models.count_macs(network, (40, 40))[0]
 
 
 # --- names and overwriting -------------------------------------------------------------------------------

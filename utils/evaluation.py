@@ -5,6 +5,7 @@ utils.metrics; this module only gathers them with the facts a thesis table needs
 how big the network is, how fast it ran, on what) and hands them to utils.report.
 """
 import datetime
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torchvision
 from PIL import Image
 
 from utils import data
@@ -23,7 +23,7 @@ from utils.cli import UserError, default_name, device_name, plain_name, require_
 from utils.distributed import DistContext
 from utils.engine import evaluate
 from utils.files import refuse_existing
-from utils.model import build, count_macs, count_parameters, strip_aux_head
+from utils.model import build, count_macs, count_parameters, default_stride, strip_aux_head, tile_windows
 from utils.recipe import eval_loader
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
 
@@ -55,19 +55,33 @@ def refuse_taken(outputs, overwrite, save_predictions):
     refuse_existing(paths, overwrite, "choose another --name")
 
 
-def _versions(device):
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "numpy": np.__version__}
-    try:
-        import torch_pruning
+# Versions come from the installed packages' metadata: torch_pruning.__version__ says 1.6.0 in 1.6.1.
+VERSIONED_PACKAGES = ("torch", "torchvision", "torch-pruning", "numpy")
+MEANS_NOTE = ("over the classes present in the ground truth or the prediction (as mIoU); a precision or "
+              "recall with nothing to divide (n/a in per_class) counts as 0 there")
 
-        versions["torch_pruning"] = torch_pruning.__version__
-    except ImportError:
-        pass
+
+def _versions(device):
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
     if device.type == "cuda":
         versions["cuda"] = torch.version.cuda
         versions["cudnn"] = str(torch.backends.cudnn.version())
     return versions
+
+
+def macs_per_image(model, args, image_size, device):
+    """MACs the network spends on one image (of image_size): for a tiled run the sum over all its windows, so
+    the figure stands beside the per-image latency."""
+    if not args.tile:
+        return count_macs(model, image_size, device=device)[0]
+    (tops, side_h), (lefts, side_w) = (tile_windows(length, args.tile, args.stride or default_stride(args.tile))
+                                       for length in image_size)
+    return len(tops) * len(lefts) * count_macs(model, (side_h, side_w), device=device)[0]
 
 
 def model_facts(model, metadata, input_size, device):
@@ -118,6 +132,7 @@ def collect_metrics(result, tolerance_px):
         ("mean F1 (Dice)", scores["mean_f1"], True),
         ("mean precision", scores["mean_precision"], True),
         ("mean recall", scores["mean_recall"], True),
+        ("means over classes", MEANS_NOTE, False),
         ("frequency-weighted IoU", scores["fw_iou"], True),
         ("crack IoU", scores["iou"][crack], True),
         ("crack F1 (Dice)", scores["f1"][crack], True),
@@ -164,7 +179,8 @@ def summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows
     rows += [("checkpoint format", metadata.get("format"), False), ("arch", metadata["arch"], False),
              ("classes", ", ".join(data.CLASS_NAMES), False), ("model outputs", metadata["num_outputs"], False),
              ("params (aux head dropped)", facts["params"], False),
-             (f"MACs per {'tile' if args.tile else 'image'} at {_size_text(input_size)}", facts["macs"], False)]
+             (f"MACs per {'tile' if args.tile else 'image'} at {_size_text(input_size)}", facts["macs"], False),
+             (f"MACs per image at {_size_text(facts['image_size'])} (all tiles)", facts["macs_per_image"], False)]
     if "pruning_entries" in facts:
         rows.append(("pruning history entries (channel groups removed)", facts["pruning_entries"], False))
     if "dense_params" in facts:
@@ -230,14 +246,18 @@ def comparison_row(args, metadata, facts, input_size, device, result, scores, lt
            "checkpoint": _absolute(metadata.get("weights_path", metadata["path"])),
            "pruned architecture from": _absolute(metadata["path"]) if metadata.get("weights_path") else None,
            "arch": metadata["arch"], "dataset": str(Path(args.test_dir).resolve()),
-           "images": result.images, "params": facts["params"], "MACs": facts["macs"],
-           "input size": _size_text(input_size), "mIoU": scores["mean_iou"],
+           "images": result.images, "params": facts["params"],
+           "MACs per image (all tiles)": facts["macs_per_image"], "image size": _size_text(facts["image_size"]),
+           "eval size (shorter side, px)": args.eval_size or "native", "boundary ignore (px)": args.boundary_ignore,
+           "tile (px)": args.tile, "stride (px)": (args.stride or default_stride(args.tile)) if args.tile else None,
+           "pruning ratio (%)": facts.get("pruning_ratio"), "pruning importance": facts.get("importance"),
+           "mIoU": scores["mean_iou"],
            "mIoU without background": scores["mean_iou_no_background"],
            "crack IoU": scores["iou"][data.CRACK_ID], "crack F1": scores["f1"][data.CRACK_ID],
            "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": args.lt_tolerance,
            "pixel accuracy": scores["pixel_accuracy"]}
     row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(data.CLASS_NAMES)})
-    row.update({"latency (ms)": 1000 * result.forward_seconds / result.images,
+    row.update({"latency per image (ms)": 1000 * result.forward_seconds / result.images,
                 "images/s": result.images / max(result.forward_seconds, 1e-12), "device": device_name(device)})
     return row
 
@@ -311,6 +331,8 @@ def run(args):
     model = strip_aux_head(model)
     input_size = (args.tile, args.tile) if args.tile else tuple(dataset[0][0].shape[-2:])
     facts = model_facts(model, metadata, input_size, device)
+    facts["image_size"] = tuple(dataset[0][0].shape[-2:])
+    facts["macs_per_image"] = macs_per_image(model, args, facts["image_size"], device)
     writer = PredictionWriter(dataset, outputs.predictions) if args.save_predictions else None
     print(f"evaluating {metadata['arch']} from {metadata['path']} on {dataset.root} ({len(dataset)} images, "
           f"{device_name(device)})", flush=True)
