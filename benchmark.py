@@ -25,6 +25,7 @@ def get_args_parser():
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default: %(default)s)")
     add_bool(parser, "--half", False, "float16 (CUDA only)")
     add_bool(parser, "--channels_last", False, "channels-last memory format (often faster on GPUs)")
+    add_bool(parser, "--fold_batchnorm", True, "fold each BatchNorm into its convolution, as deployed")
     add_bool(parser, "--onnx", False, "also time each network exported to ONNX in onnxruntime")
     add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
     parser.add_argument("--name", default="benchmark", help="file name of the CSV and plot (default: %(default)s)")

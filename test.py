@@ -36,7 +36,10 @@ def get_args_parser():
                                  "scored at the label's resolution (default: native resolution)")
     evaluation.add_argument("--tile", type=int, default=None,
                             help="sliding-window evaluation with tiles of this side in px, for large images")
-    evaluation.add_argument("--stride", type=int, default=None, help="tile stride in px (default: tile / 2)")
+    evaluation.add_argument("--stride", type=int, default=None,
+                            help="largest tile stride in px; windows are spread evenly (default: 7/8 of the tile)")
+    evaluation.add_argument("--tile_batch", type=int, default=1, metavar="N",
+                            help="tiles per forward with --tile (default: %(default)s)")
     evaluation.add_argument("--boundary_ignore", type=int, default=0, metavar="PX",
                             help="ignore a band of PX px around areal defects (not cracks), as the S2DS "
                                  "authors do (default: %(default)s)")
@@ -71,6 +74,8 @@ def check_args(args):
             raise UserError(f"--{option} must be at least 8 px, got {value}")
     if args.stride is not None and (args.tile is None or not 0 < args.stride <= args.tile):
         raise UserError("--stride needs --tile and must be between 1 and --tile")
+    if args.tile_batch < 1:
+        raise UserError(f"--tile_batch must be at least 1, got {args.tile_batch}")
     for option in ("workers", "boundary_ignore", "lt_tolerance"):
         if getattr(args, option) < 0:
             raise UserError(f"--{option} cannot be negative, got {getattr(args, option)}")

@@ -9,7 +9,8 @@ import export
 from conftest import REPO, assert_user_error, run_script
 from utils.checkpoint import load_model
 from utils.cli import UserError
-from utils.deploy import LogitsOnly, add_ratios, check_parity, format_table, parity_passed, trtexec_command
+from utils.deploy import (LogitsOnly, add_ratios, add_throughput, check_parity, format_table, parity_passed,
+                          trtexec_command)
 
 
 def test_export_matches_pytorch_in_onnxruntime(tmp_path, lively_mobilenet_checkpoint, capsys):
@@ -70,26 +71,31 @@ def test_benchmark_prints_its_table_and_writes_csv_and_plot(tmp_path, mobilenet_
                     "--warmup", "1", "--onnx", "--device", "cpu", "--output_dir", str(tmp_path)])
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("model"))
-    for column in ("params (M)", "GMACs", "median ms", "p90 ms", "images/s", "MACs x", "speed-up"):
+    for column in ("params (M)", "GMACs", "median ms", "p90 ms", "images/s", "MACs x", "speed-up", "GFLOP/s",
+                   "of GEMM"):
         assert column in header
+    assert "GEMM rate of this device in this process: " in printed
     assert "lively_mobilenet: " in printed and "x the speed of deeplabv3_mobilenet_v3_large" in printed
     table = pd.read_csv(tmp_path / "benchmark" / "benchmark.csv")
     assert list(table["backend"]) == ["pytorch", "pytorch", "onnxruntime", "onnxruntime"]
     assert (table["median_ms"] > 0).all() and (table["p90_ms"] >= table["median_ms"]).all()
     np.testing.assert_allclose(table["macs_ratio"], 1.0)
     assert table.loc[0, "speedup"] == 1.0
+    assert (table["gemm_gflops"] > 0).all() and table["folded_bn"].all()
+    np.testing.assert_allclose(table["gflops"] / table["gemm_gflops"], table["gemm_fraction"])
     assert (tmp_path / "benchmark" / "benchmark.png").stat().st_size > 0
 
 
 def test_benchmark_table_ratios_are_against_the_first_row_of_each_backend():
     rows = [{"model": "dense", "backend": "pytorch", "params_m": 60.0, "gmacs": 100.0, "median_ms": 200.0,
-             "p90_ms": 210.0, "images_per_s": 5.0},
+             "p90_ms": 210.0, "images_per_s": 5.0, "batch": 1},
             {"model": "half", "backend": "pytorch", "params_m": 30.0, "gmacs": 50.0, "median_ms": 110.0,
-             "p90_ms": 120.0, "images_per_s": 9.1}]
-    add_ratios(rows)
+             "p90_ms": 120.0, "images_per_s": 9.1, "batch": 1}]
+    add_throughput(add_ratios(rows), gemm=2000.0)
     assert rows[1]["macs_ratio"] == 0.5 and rows[1]["speedup"] == pytest.approx(200 / 110)
+    assert rows[0]["gflops"] == pytest.approx(1000.0) and rows[0]["gemm_fraction"] == pytest.approx(0.5)
     lines = format_table(rows).splitlines()
-    assert lines[2].split()[:2] == ["half", "pytorch"] and lines[2].split()[-1] == "1.82"
+    assert lines[2].split()[:2] == ["half", "pytorch"] and lines[2].split()[-3:] == ["1.82", "909.1", "45%"]
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -258,3 +258,27 @@ def test_bad_inputs_give_one_line_and_status_2(bad_input_folder, mobilenet_check
         argv += ("--mode", "save_mask")
     assert_user_error(Finished(argv, capsys), fragment)
     assert not (bad_input_folder / "results").exists()
+
+
+def test_max_size_zero_predicts_a_large_photo_whole_and_tiles_say_what_they_cost(tmp_path, capsys,
+                                                                                 lively_mobilenet_checkpoint):
+    photo = write_photo(tmp_path / "wide.png", 130, 70)
+    folder = run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo, "--mode",
+                           "save_mask", "--max_size", "0")
+    assert "wide.png: 130x70 px, whole" in capsys.readouterr().out
+    whole = np.array(Image.open(next(folder.glob("wide*_mask.png"))))
+    model, _ = load_model(lively_mobilenet_checkpoint)
+    np.testing.assert_array_equal(whole, predict(model.eval(), np.array(Image.open(photo)), data.NUM_CLASSES,
+                                                 torch.device("cpu"), max_size=0))
+    run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo, "--mode", "save_mask",
+                  "--tile", "48", "--stride", "32", "--tile_batch", "4")
+    # windows of at most 48 px spread evenly: 4 across 130 px (45 px wide), 2 down 70 px (43 px high)
+    assert "wide.png: 130x70 px, tiled 48 px, 8 windows, 1.70x the photo's pixels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--max_size", "16"], "--max_size must be 0"),
+                                            (["--tile_batch", "0"], "--tile_batch must be at least 1")])
+def test_bad_tiling_options_are_one_line_errors(tmp_path, lively_mobilenet_checkpoint, argv, fragment):
+    photo = write_photo(tmp_path / "p.png", 40, 40)
+    with pytest.raises(UserError, match=fragment):
+        run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo, *argv)

@@ -82,3 +82,74 @@ def test_count_macs_counts_the_deployed_network_and_grows_with_input():
     assert params == models.count_parameters(deployed) < models.count_parameters(network)
     assert network.aux_classifier is not None  # counting left the training network whole
     assert 3.5 < large / small < 4.5
+
+
+def _with_random_batch_statistics(network):
+    """BatchNorm layers with non-trivial statistics and affine terms, so that folding has something to fold."""
+    generator = torch.Generator().manual_seed(0)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(channels, generator=generator))
+    return network.eval()
+
+
+@pytest.mark.parametrize("arch,pruned", [(arch, False) for arch in models.ARCHS]
+                         + [("deeplabv3_mobilenet_v3_large", True), ("deeplabv3_resnet50", True)])
+def test_folding_batchnorm_keeps_the_logits_and_leaves_no_batchnorm(arch, pruned):
+    from utils import prune_ops
+
+    torch.manual_seed(0)
+    network = _with_random_batch_statistics(models.strip_aux_head(models.build(arch, 7, init="none")))
+    if pruned:
+        pruner = prune_ops.build_pruner(network, prune_ops.make_importance("Magnitude"), 0.5)
+        prune_ops.prune_step(pruner, network)
+        network.eval()
+    # float64: untrained deep networks reach logits of 1e4, where float32 rounding alone exceeds 1e-4
+    network, image = network.double(), torch.randn(2, 3, 72, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = models.forward_logits(network, image, 7)
+        folded = models.fold_batchnorm(copy.deepcopy(network))
+        actual = models.forward_logits(folded, image, 7)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert expected.abs().max() > 1e-2  # a network that outputs zeros would agree trivially
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_folding_batchnorm_refuses_a_network_in_train_mode():
+    network = models.build("lraspp_mobilenet_v3_large", 7, init="none").train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        models.fold_batchnorm(network)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+
+
+@pytest.mark.parametrize("length,tile,stride", [(3000, 512, 448), (2000, 512, 448), (100, 48, 32), (49, 48, 1),
+                                                (48, 48, 48), (30, 48, 40), (1000, 512, 512)])
+def test_tile_windows_cover_the_axis_within_tile_and_stride(length, tile, stride):
+    starts, side = models.tile_windows(length, tile, stride)
+    assert side <= tile and starts[0] == 0 and starts[-1] + side == length
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(0 < gap <= stride for gap in gaps)
+    assert all(side - gap >= tile - stride for gap in gaps)  # each overlap at least the asked one
+
+
+def test_default_tiling_of_a_3000x2000_photo_costs_under_one_and_a_half_times_its_pixels():
+    count, cost = models.tile_cost(2000, 3000, 512)
+    assert cost <= 1.5 and count == 35  # half-tile strides ran 77 windows, 3.4x the photo's pixels
+
+
+def test_batched_tiles_equal_one_tile_per_forward(lively_mobilenet_checkpoint):
+    from utils.checkpoint import load_model
+
+    model, _ = load_model(lively_mobilenet_checkpoint)
+    image = torch.randn(1, 3, 90, 130)
+    single = models.sliding_window_logits(model, image, 7, tile=48, stride=32)
+    assert single.argmax(1).unique().numel() > 1 and single.std() > 1e-2  # constant outputs agree trivially
+    for tile_batch in (3, 100):
+        batched = models.sliding_window_logits(model, image, 7, tile=48, stride=32, tile_batch=tile_batch)
+        torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="--tile_batch"):
+        models.sliding_window_logits(model, image, 7, tile=48, tile_batch=0)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from utils.checkpoint import load_model
 from utils.cli import UserError, default_name, device_name, resolve_device
 from utils.files import replace_atomically
-from utils.model import count_macs, forward_logits, strip_aux_head
+from utils.model import count_macs, fold_batchnorm, forward_logits, strip_aux_head
 from utils.report import write_csv
-from utils.timing import interleaved_times
+from utils.timing import interleaved_times, time_calls
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FLOAT32_MAX_DIFF = 1e-3      # acceptance bound for a float32 graph; float16 graphs are judged by argmax only
@@ -140,7 +140,7 @@ def run_export(args):
     output = args.output
     device = resolve_device(args.device)
     model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle)
-    reference = LogitsOnly(model, metadata["num_classes"]).eval()
+    reference = fold_batchnorm(LogitsOnly(model, metadata["num_classes"]).eval())
     network = copy.deepcopy(reference).half() if args.half else reference
     started = time.perf_counter()
     export_onnx(network, output, args.size, args.batch, args.dynamic, args.opset)
@@ -194,15 +194,19 @@ class Variant:
     image: torch.Tensor
 
 
-def prepare_variant(path, label, size, batch, device, half=False, channels_last=False, allow_pickle=False):
-    """Load a checkpoint as deployed (main-head logits only), count its MACs, move it and its input."""
+def prepare_variant(path, label, size, batch, device, half=False, channels_last=False, allow_pickle=False,
+                    fold=True):
+    """Load a checkpoint as deployed (main-head logits only), count its MACs, fold its BatchNorms (fold=True),
+    move it and its input."""
     model, metadata = load_model(path, device="cpu", allow_pickle=allow_pickle)
     network = LogitsOnly(model, metadata["num_classes"]).eval()
     macs, params = count_macs(network, size)
+    if fold:
+        fold_batchnorm(network)
     dtype = torch.float16 if half else torch.float32
     facts = {"checkpoint": str(path), "arch": metadata["arch"], "pruned": bool(metadata.get("pruning")),
              "params_m": params / 1e6, "gmacs": macs / 1e9, "size": size, "batch": batch, "device": str(device),
-             "dtype": str(dtype).replace("torch.", ""), "channels_last": channels_last}
+             "dtype": str(dtype).replace("torch.", ""), "channels_last": channels_last, "folded_bn": fold}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(device, dtype).to(memory_format=memory_format)
     image = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
@@ -247,24 +251,48 @@ def add_ratios(rows):
     return rows
 
 
+def gemm_gflops(device, dtype=torch.float32, side=None, runs=5):
+    """The machine's matrix-multiply rate (GFLOP/s of a large square GEMM, median of `runs`): the ceiling a
+    convolutional network's 2 x MACs / latency is judged against, measured in the benchmark's own process."""
+    side = side or (8192 if torch.device(device).type == "cuda" else 2048)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(side, side, generator=generator).to(device, dtype) for _ in range(2))
+    seconds = time_calls(lambda: torch.mm(a, b), runs, 2, device)
+    return 2 * side**3 / float(np.median(seconds)) / 1e9
+
+
+def add_throughput(rows, gemm):
+    """GFLOP/s of each row (2 x MACs per image x batch / median latency) and its fraction of the GEMM rate."""
+    for row in rows:
+        row["gflops"] = 2 * row["gmacs"] * row["batch"] / (row["median_ms"] / 1000)
+        row["gemm_fraction"] = row["gflops"] / gemm
+    return rows
+
+
 def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20, warmup=3, half=False,
-                  channels_last=False, onnx=False, allow_pickle=False, progress=True):
-    """Every checkpoint measured in one process, so the numbers are comparable; returns rows with ratios."""
+                   channels_last=False, onnx=False, allow_pickle=False, progress=True, fold=True):
+    """Every checkpoint measured in one process, so the numbers are comparable; returns rows with ratios,
+    GFLOP/s and the fraction of the same process's GEMM rate (in row["gemm_gflops"])."""
     if half and device.type != "cuda":
         raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half")
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"checkpoint not found: {path}")
-    variants = [prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle)
+    variants = [prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold)
                 for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading", disable=not progress,
                                         dynamic_ncols=True)]
-    return add_ratios(time_variants(variants, runs, warmup, device, onnx))
+    rows = add_ratios(time_variants(variants, runs, warmup, device, onnx))
+    gemm = gemm_gflops(device, torch.float16 if half else torch.float32)
+    for row in rows:
+        row["gemm_gflops"] = gemm
+    return add_throughput(rows, gemm)
 
 
 TABLE_COLUMNS = (("model", "model", "{}"), ("backend", "backend", "{}"), ("params_m", "params (M)", "{:.2f}"),
                  ("gmacs", "GMACs", "{:.2f}"), ("median_ms", "median ms", "{:.1f}"), ("p90_ms", "p90 ms", "{:.1f}"),
                  ("images_per_s", "images/s", "{:.2f}"), ("params_ratio", "params x", "{:.2f}"),
-                 ("macs_ratio", "MACs x", "{:.2f}"), ("speedup", "speed-up", "{:.2f}"))
+                 ("macs_ratio", "MACs x", "{:.2f}"), ("speedup", "speed-up", "{:.2f}"), ("gflops", "GFLOP/s", "{:.1f}"),
+                 ("gemm_fraction", "of GEMM", "{:.0%}"))
 
 
 def format_table(rows):
@@ -316,14 +344,17 @@ def run_benchmark(args):
     """benchmark.py: every checkpoint measured in one process, printed as a table, saved as CSV and plot."""
     device = resolve_device(args.device)
     rows = benchmark_rows(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
-                         args.channels_last, args.onnx, args.allow_pickle)
+                          args.channels_last, args.onnx, args.allow_pickle, fold=args.fold_batchnorm)
     title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
     print(f"{title}, {'float16' if args.half else 'float32'}, {args.runs} runs after {args.warmup} warm-up, "
-          f"torch {torch.__version__}")
+          f"BatchNorm {'folded' if args.fold_batchnorm else 'kept'}, torch {torch.__version__}")
     print(format_table(rows))
+    print(f"GEMM rate of this device in this process: {rows[0]['gemm_gflops']:.1f} GFLOP/s "
+          f"('of GEMM' = the network's 2 x MACs / latency as a fraction of it)")
     for row in rows[1:]:
         if row["backend"] == rows[0]["backend"]:
             print(f"{row['model']}: {row['speedup']:.2f}x the speed of {rows[0]['model']} with "
-                  f"{1 / row['macs_ratio']:.2f}x fewer MACs and {1 / row['params_ratio']:.2f}x fewer parameters")
+                  f"{1 / row['macs_ratio']:.2f}x fewer MACs ({row['speedup'] * row['macs_ratio']:.2f} of the MACs "
+                  f"reduction) and {1 / row['params_ratio']:.2f}x fewer parameters")
     csv_path, png_path, existed = write_benchmark(rows, Path(args.output_dir) / "benchmark", args.name, title)
     print(f"wrote {csv_path} and {png_path}{' (replacing the previous ones)' if existed else ''}")

@@ -97,16 +97,16 @@ class EvalResult:
     forward_seconds: float = 0.0
 
 
-def _predict(model, images, num_classes, size, tile, stride):
+def _predict(model, images, num_classes, size, tile, stride, tile_batch):
     if tile:
-        return torch.cat([sliding_window_logits(model, image[None], num_classes, tile, stride, size).to(image.device)
-                          for image in images])
+        return torch.cat([sliding_window_logits(model, image[None], num_classes, tile, stride, size, tile_batch)
+                          .to(image.device) for image in images])
     return forward_logits(model, images, num_classes, size=size)
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes, criterion=None, amp=False, progress=True, tile=None,
-             stride=None, per_image=False, tolerance_px=None, on_prediction=None):
+             stride=None, per_image=False, tolerance_px=None, on_prediction=None, tile_batch=1):
     """Score `loader` at each label's own resolution into one dataset-level confusion matrix.
 
     Predictions are resized to the label, never the label to the prediction. Under torchrun each
@@ -131,7 +131,8 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, prog
             synchronize(device)
             forward_started = time.perf_counter()
             with autocast(device, amp):
-                logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], tile, stride)
+                logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], tile, stride,
+                                  tile_batch)
             prediction = logits.max(dim=1).indices  # same as argmax, several times faster on CPU
             synchronize(device)
             forward_seconds += time.perf_counter() - forward_started

@@ -23,7 +23,8 @@ from utils.cli import UserError, default_name, device_name, plain_name, require_
 from utils.distributed import DistContext
 from utils.engine import evaluate
 from utils.files import refuse_existing
-from utils.model import build, count_macs, count_parameters, default_stride, strip_aux_head, tile_windows
+from utils.model import (build, count_macs, count_parameters, default_stride, fold_batchnorm, strip_aux_head,
+                         tile_windows)
 from utils.recipe import eval_loader
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
 
@@ -99,11 +100,12 @@ def model_facts(model, metadata, input_size, device):
 
 
 def evaluate_split(model, dataset, device, batch_size=1, workers=0, amp=False, tile=None, stride=None,
-                   tolerance_px=4, on_prediction=None, progress=True):
+                   tolerance_px=4, on_prediction=None, progress=True, tile_batch=1):
     """test.py's evaluation loop (also what scripts/benchmark_eval.py times)."""
     loader = eval_loader(dataset, batch_size, workers, DistContext(device=device))
     return evaluate(model, loader, device, data.NUM_CLASSES, amp=amp, progress=progress, tile=tile,
-                    stride=stride, per_image=True, tolerance_px=tolerance_px, on_prediction=on_prediction)
+                    stride=stride, per_image=True, tolerance_px=tolerance_px, on_prediction=on_prediction,
+                    tile_batch=tile_batch)
 
 
 def _mean_std(values):
@@ -190,7 +192,7 @@ def summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows
     rows += [("dataset", str(dataset.root.resolve()), False), ("images", len(dataset), False),
              ("labelled pixels", scores["labelled_pixels"], False),
              ("evaluation size", f"shorter side {args.eval_size} px" if args.eval_size else "native", False),
-             ("sliding window", f"tile {args.tile}, stride {args.stride or args.tile // 2}" if args.tile else "no",
+             ("sliding window", f"tile {args.tile}, stride {args.stride or default_stride(args.tile)}" if args.tile else "no",
               False),
              ("boundary ignore (px)", args.boundary_ignore, False), ("ltIoU tolerance (px)", args.lt_tolerance, False),
              ("mixed precision", bool(args.amp), False), ("batch size", args.batch_size, False)]
@@ -333,12 +335,14 @@ def run(args):
     facts = model_facts(model, metadata, input_size, device)
     facts["image_size"] = tuple(dataset[0][0].shape[-2:])
     facts["macs_per_image"] = macs_per_image(model, args, facts["image_size"], device)
+    fold_batchnorm(model.eval())  # after counting: the facts are the checkpoint's network, the speed the folded one's
     writer = PredictionWriter(dataset, outputs.predictions) if args.save_predictions else None
     print(f"evaluating {metadata['arch']} from {metadata['path']} on {dataset.root} ({len(dataset)} images, "
           f"{device_name(device)})", flush=True)
     try:
         result = evaluate_split(model, dataset, device, args.batch_size, args.workers, args.amp, args.tile,
-                                args.stride, args.lt_tolerance, on_prediction=writer, progress=True)
+                                args.stride, args.lt_tolerance, on_prediction=writer, progress=True,
+                                tile_batch=args.tile_batch)
         metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
         summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,
                                timing_rows(result, args.batch_size), scores)
