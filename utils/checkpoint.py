@@ -12,7 +12,7 @@ import torch
 from utils.cli import UserError
 from utils.data import CLASS_NAMES, NUM_CLASSES
 from utils.distributed import unwrap
-from utils.files import replace_atomically
+from utils.files import refuse_existing, replace_atomically
 from utils.model import ARCHS, build, has_aux
 from utils.prune_ops import replay_pruning_history
 
@@ -22,7 +22,16 @@ VERSION = 1
 
 def save_atomic(obj, path):
     """torch.save through a temporary file beside `path`, then os.replace."""
-    replace_atomically(str(path), lambda temporary: torch.save(obj, temporary))
+    def write(temporary):
+        try:
+            torch.save(obj, temporary)
+        except RuntimeError as error:  # torch.save reports a full disk or an unwritable file this way
+            if not re.search(r"writ|open|PytorchStreamWriter", str(error)):
+                raise
+            raise UserError(f"cannot write {path}: {str(error).splitlines()[0]}; check free space and "
+                            f"permissions (nothing was replaced)") from None
+
+    replace_atomically(str(path), write)
 
 
 def make_checkpoint(model, arch, num_classes=NUM_CLASSES, pruning=None, **extra):
@@ -112,16 +121,68 @@ def read_checkpoint(path, allow_pickle=False):
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
     if obj.get("format") == FORMAT:
-        if obj.get("version", 0) > VERSION:
-            raise UserError(f"{path} was written by a newer CrackSense (format version {obj['version']})")
-        if obj["arch"] not in ARCHS:
-            raise UserError(f"{path} holds unknown arch {obj['arch']!r}")
-        return obj
-    if "model" in obj and isinstance(obj["model"], dict):
+        return _checked(obj, path)
+    if "model" in obj and _is_state_dict(obj["model"]):
         return _from_state_dict(obj["model"], path)
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if _is_state_dict(obj):
         return _from_state_dict(obj, path)
     raise UserError(f"{path} is neither a CrackSense checkpoint nor a model state_dict")
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _checked(checkpoint, path):
+    """A CrackSense checkpoint whose fields have the types the readers rely on, or a one-line refusal."""
+    def refuse(problem):
+        raise UserError(f"{path} is a damaged or edited checkpoint: {problem}")
+
+    version = checkpoint.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        refuse(f"'version' is {version!r}, not an integer")
+    if version > VERSION:
+        raise UserError(f"{path} was written by a newer CrackSense (format version {version})")
+    if checkpoint.get("arch") not in ARCHS:
+        refuse(f"unknown arch {checkpoint.get('arch')!r}")
+    for key in ("num_classes", "num_outputs"):
+        value = checkpoint.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refuse(f"'{key}' is {value!r}, not a positive integer")
+    if not _is_state_dict(checkpoint.get("model")):
+        refuse("'model' is missing or is not a dict of tensors")
+    pruning = checkpoint.get("pruning")
+    if pruning is not None and not (isinstance(pruning, list) and all(_is_history_entry(e) for e in pruning)):
+        refuse("'pruning' is not a list of [layer name, is output channels, [indices]]")
+    return checkpoint
+
+
+def _is_history_entry(entry):
+    return (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
+            and isinstance(entry[1], bool) and isinstance(entry[2], (list, tuple))
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in entry[2]))
+
+
+RESUME_KEYS = ("optimizer", "lr_scheduler", "epoch", "best_metric", "metrics")
+# What only resuming needs; a deployed or shared file goes without it (AdamW's state alone is twice the weights).
+TRAINING_STATE = ("optimizer", "lr_scheduler", "scaler", "epochs_without_improvement")
+
+
+def for_deployment(checkpoint):
+    """The checkpoint without its training state: the network, its metadata and its history, nothing more."""
+    return {key: value for key, value in checkpoint.items() if key not in TRAINING_STATE}
+
+
+def require_resume_state(checkpoint, path):
+    """A --resume needs train.py's own last.pth: refuse a file without the training state, in one line."""
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if checkpoint.get("format") != FORMAT or missing:
+        raise UserError(f"{path} holds no training state to resume ({', '.join(missing) or 'not a train.py run'} "
+                        f"missing); drop --resume and pass it with --load_pretrained_weights, or use --overwrite")
+    if isinstance(checkpoint["epoch"], bool) or not isinstance(checkpoint["epoch"], int):
+        raise UserError(f"{path} is a damaged checkpoint: 'epoch' is {checkpoint['epoch']!r}")
+    return checkpoint
 
 
 def build_from_checkpoint(checkpoint):
@@ -153,6 +214,19 @@ def load_weights(model, state_dict, source):
     return model
 
 
+def strip_for_deployment(source, target, overwrite=False):
+    """Write `source` without its training state to `target` (atomically, an existing target only with
+    overwrite); returns the keys dropped. Only our own format: a plain state_dict holds no training state."""
+    refuse_existing([target], overwrite, "choose another OUT")
+    checkpoint = read_checkpoint(source)
+    if checkpoint["format"] != FORMAT:
+        raise UserError(f"{source} is a plain state_dict, not a CrackSense checkpoint: it holds weights only, "
+                        f"nothing to strip")
+    stripped = for_deployment(checkpoint)
+    save_atomic(stripped, target)
+    return [key for key in checkpoint if key not in stripped]
+
+
 def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES):
     """(model in eval mode, metadata) from any checkpoint kind; refuses another class count."""
     checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
@@ -162,7 +236,7 @@ def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES):
         model = checkpoint.pop("module")
     else:
         model = load_weights(build_from_checkpoint(checkpoint), checkpoint["model"], path)
-    metadata = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "lr_scheduler", "scaler")}
+    metadata = {k: v for k, v in for_deployment(checkpoint).items() if k != "model"}
     metadata["path"] = str(path)
     return model.to(device).eval(), metadata
 

@@ -4,6 +4,7 @@ Expected failures raise UserError; `run_main` turns them into one line on stderr
 status 2, while unexpected errors keep their traceback.
 """
 import argparse
+import errno
 import os
 import platform
 import re
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -46,10 +48,30 @@ def add_bool(parser, name, default=False, help=""):
                         metavar="BOOL", help=f"{help} (default: {default})")
 
 
+def add_quiet(parser):
+    """--quiet: no progress bars. Without a terminal on stderr (a log file, a pipe) there are none either."""
+    add_bool(parser, "--quiet", False, "no progress bars (also off when stderr is not a terminal, e.g. a log file)")
+
+
+_quiet = {"on": False}
+
+
+def set_quiet(quiet):
+    """Called once per script run (script_main does it from --quiet)."""
+    _quiet["on"] = bool(quiet)
+
+
+def progress_enabled(wanted=True):
+    """The one rule for every progress bar: the caller wants one, --quiet was not given, and stderr is a
+    terminal, so `make demo > log 2>&1` gets no carriage returns or cursor codes."""
+    return bool(wanted) and not _quiet["on"] and sys.stderr.isatty()
+
+
 def script_main(get_parser, run, check=None):
-    """A script's main(argv): parse, check what argparse cannot (check(args)), run(args)."""
+    """A script's main(argv): parse, apply --quiet, check what argparse cannot (check(args)), run(args)."""
     def main(argv=None):
         args = get_parser().parse_args(argv)
+        set_quiet(getattr(args, "quiet", False))
         if check is not None:
             check(args)
         return run(args)
@@ -58,18 +80,54 @@ def script_main(get_parser, run, check=None):
 
 
 def run_main(main, argv=None):
-    """Call main(argv); a UserError becomes one stderr line and exit status 2."""
+    """Call main(argv); a UserError, or a failure the user's machine caused (disk full, permissions, a path in
+    the way, an image too large, memory), becomes one stderr line and exit status 2."""
     try:
         main(argv)
-    except UserError as error:
+    except (UserError, OSError, MemoryError, Image.DecompressionBombError, RuntimeError) as error:
+        message = environment_message(error)
+        if message is None:
+            raise
         _close_progress_bars()
         prog = os.path.basename(sys.argv[0]) or "cracksense"
-        message = _last_line(str(error))
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space and run the same command again",
+    errno.EDQUOT: "the disk quota is used up; free some space and run the same command again",
+    errno.EROFS: "the file system is read-only; choose another --output_dir",
+    errno.EACCES: "permission denied; check the permissions or choose another --output_dir",
+    errno.EPERM: "permission denied; check the permissions or choose another --output_dir",
+    errno.EEXIST: "something of that name is in the way; move it or choose another name",
+    errno.ENOTDIR: "a file stands where a folder is needed; move it or choose another path",
+    errno.EISDIR: "a folder stands where a file is needed; move it or choose another path",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter one",
+}
+# Messages of a RuntimeError that is a failed memory allocation (the CPU allocator raises plain RuntimeError).
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory|DefaultCPUAllocator",
+                            re.IGNORECASE)
+
+
+def environment_message(error):
+    """One line for an error the user or their machine caused, or None for a programming error."""
+    if isinstance(error, UserError):
+        return _last_line(str(error))
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"image too large to open safely ({_last_line(str(error))}); scale it down first, or raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error))):
+        return ("out of memory (" + (_last_line(str(error))[:120] or "MemoryError") + "); lower the image, "
+                "evaluation or batch size")
+    if isinstance(error, OSError):
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        cause = _OS_HINTS.get(error.errno, error.strerror or _last_line(str(error)))
+        return f"{where}: {cause}" if where else cause
+    return None
 
 
 def _close_progress_bars():
@@ -93,14 +151,17 @@ def resolve_device(name):
     tiny values and x86 CPUs compute with them 10-40x slower (measured: DeepLabV3-ResNet101 at
     128 px, 5.6 s -> 0.22 s per image). GPUs compute with them at full speed.
     """
+    name = str(name).strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0")
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     return device

@@ -22,7 +22,7 @@ from utils.checkpoint import load_for_inference
 from utils.cli import UserError, default_name, device_name, plain_name, require_path, resolve_device
 from utils.distributed import DistContext
 from utils.engine import evaluate
-from utils.files import refuse_existing
+from utils.files import refuse_existing, release, reserve
 from utils.model import (build, count_macs, count_parameters, default_stride, fold_batchnorm, strip_aux_head,
                          tile_windows)
 from utils.recipe import eval_loader
@@ -339,6 +339,8 @@ def run(args):
     writer = PredictionWriter(dataset, outputs.predictions) if args.save_predictions else None
     print(f"evaluating {metadata['arch']} from {metadata['path']} on {dataset.root} ({len(dataset)} images, "
           f"{device_name(device)})", flush=True)
+    if not args.overwrite:  # claimed atomically: of two runs with the same --name, the second is refused
+        reserve(outputs.workbook, "another test.py run has this --name; choose another --name")
     try:
         result = evaluate_split(model, dataset, device, args.batch_size, args.workers, args.amp, args.tile,
                                 args.stride, args.lt_tolerance, on_prediction=writer, progress=True,
@@ -354,6 +356,7 @@ def run(args):
     except BaseException:
         if writer is not None:
             writer.discard()  # a failed run leaves the earlier predictions as they were
+        release(outputs.workbook)  # and no empty workbook that would block the same command
         raise
     try:
         runs = append_results_row(outputs.comparison, comparison_row(args, metadata, facts, input_size, device,

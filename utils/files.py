@@ -2,17 +2,62 @@
 and the one "refuse an existing output unless --overwrite" rule."""
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from utils.cli import UserError
 
 
+TEMPORARY_PREFIX = ".tmp_"
+STALE_SECONDS = 24 * 3600
+
+
+def _owner_gone(name):
+    """True when the temporary file's name carries the id of a process that no longer runs here."""
+    pid = name[len(TEMPORARY_PREFIX):].split("_", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder):
+    """Remove our own temporary files that a killed run left in `folder`: those whose writer is gone, or a day
+    old. Other files, and temporaries a live run is still writing, stay."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(TEMPORARY_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if _owner_gone(entry.name) or time.time() - entry.stat().st_mtime > STALE_SECONDS:
+                os.remove(entry.path)
+        except OSError:
+            pass
+
+
 def _temporary_beside(path, suffix):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    remove_stale_temporaries(folder)
+    handle, temporary = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}_", suffix=suffix, dir=folder)
     os.close(handle)
     return temporary
+
+
+def refuse_read_only(path):
+    """A file the user made read-only is theirs to keep: refused, not replaced (root ignores permissions,
+    so the write bits are read, not only os.access)."""
+    if os.path.isfile(path) and (not os.stat(path).st_mode & 0o222 or not os.access(path, os.W_OK)):
+        raise UserError(f"{path} is read-only, so it was left unchanged; make it writable, move it away or "
+                        f"choose another name")
 
 
 def _file_mode(path):
@@ -26,6 +71,7 @@ def _file_mode(path):
 
 def replace_atomically(path, write):
     """Call write(temporary_path), then move it over `path`; on failure the old file is untouched."""
+    refuse_read_only(path)
     temporary = _temporary_beside(path, os.path.splitext(path)[1])
     try:
         write(temporary)
@@ -48,4 +94,27 @@ def refuse_existing(paths, overwrite, hint="choose another name"):
         return
     for path in paths:
         if _taken(path):
-            raise UserError(f"{path} already exists; pass --overwrite to replace it, or {hint}")
+            raise UserError(f"{path} already exists{_empty_note(path)}; pass --overwrite to replace it, or {hint}")
+
+
+def _empty_note(path):
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return " but is empty (a name reserved by a run that is still going, or that was killed: then delete it)"
+    return ""
+
+
+def reserve(path, hint="choose another name"):
+    """Claim a new output's name by creating it exclusively (O_EXCL), so of two runs that check the same name at
+    once, one gets it and the other is refused; `release` gives back a name the run never filled."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        raise UserError(f"{path} already exists{_empty_note(path)}; {hint}") from None
+    return path
+
+
+def release(path):
+    """Remove a reservation that is still empty (its run failed), so the same command can run again."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.remove(path)

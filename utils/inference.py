@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.checkpoint import check_model_options, load_for_inference
-from utils.cli import UserError, default_name, plain_name, require_path, resolve_device
+from utils.cli import UserError, default_name, plain_name, progress_enabled, require_path, resolve_device
 from utils.data import IMAGE_EXTENSIONS, encode_rgb_label, image_size, image_to_tensor, list_images, read_image
 from utils.model import fold_batchnorm, forward_logits, sliding_window_logits, strip_aux_head, tile_cost
 from utils.files import replace_atomically
@@ -107,7 +107,7 @@ def plan_outputs(images, output_dir, modes, write_figures, name):
 
 def check_images(images):
     """Read every header before loading the model, so a bad file stops the run before any work."""
-    return [image_size(path) for path in images]
+    return [image_size(path, upright=True) for path in images]
 
 
 def to_batch(image, device, dtype):
@@ -132,7 +132,7 @@ def predict(model, image, num_classes, device, tile=None, stride=None, max_size=
         return forward_logits(model, batch, num_classes, size=(height, width)).argmax(1)[0].byte().cpu().numpy()
     tile = tile or DEFAULT_TILE
     bar = tqdm(total=tile_cost(height, width, tile, stride)[0], desc="tiles", unit="tile", leave=False,
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress_enabled(progress), dynamic_ncols=True)
 
     def count_tiles(_, inputs, __):  # a forward hook's return value would replace the output: return None
         bar.update(inputs[0].shape[0])
@@ -254,8 +254,8 @@ def run(args):
     written = []
     progress = len(images) > 1
     for image_path, (width, height), plan in tqdm(list(zip(images, sizes, plans)), desc="images",
-                                                  disable=not progress, dynamic_ncols=True):
-        image = read_image(image_path)
+                                                  disable=not progress_enabled(progress), dynamic_ncols=True):
+        image = read_image(image_path, upright=True)  # as displayed: EXIF orientation applied
         tiled = uses_tiles(height, width, args.tile, args.max_size)
         started = time.perf_counter()
         ids = predict(model, image, num_classes, device, args.tile, args.stride, args.max_size, dtype,

@@ -51,11 +51,30 @@ def dependency_graph(model):
 
 
 def replay_pruning_history(model, history):
-    """Rebuild a pruned network: trace the dense model, then redo each recorded channel removal."""
+    """Rebuild a pruned network: trace the dense model, then redo each recorded channel removal, each entry
+    checked first (a real layer, indices within its channels now), so a damaged history is one line."""
     graph = dependency_graph(model)
+    modules = dict(model.named_modules())
     with fully_traced(model):
-        graph.load_pruning_history([(name, bool(out), list(idx)) for name, out, idx in history])
+        for position, (name, out, indices) in enumerate(history):
+            module = modules.get(name)
+            pruner = graph.get_pruner_of_module(module) if module is not None else None
+            if pruner is None:
+                raise UserError(f"pruning history entry {position} names {name!r}, which is no prunable layer "
+                                f"of this network (damaged or edited checkpoint)")
+            channels = pruner.get_out_channels(module) if out else pruner.get_in_channels(module)
+            if len(set(indices)) != len(indices) or not all(0 <= i < channels for i in indices) \
+                    or len(indices) >= channels:
+                raise UserError(f"pruning history entry {position} ({name}) removes channels {_brief(indices)} "
+                                f"of {channels}: out of range, repeated or all of them (damaged or edited "
+                                f"checkpoint)")
+            graph.load_pruning_history([(name, bool(out), list(indices))])
     return model
+
+
+def _brief(indices):
+    indices = list(indices)
+    return str(indices) if len(indices) <= 6 else f"[{', '.join(map(str, indices[:6]))}, ...]"
 
 
 def json_history(history):

@@ -122,14 +122,14 @@ class PruneData:
     criterion: torch.nn.Module | None = None
     calibration: object = None
     val_loader: torch.utils.data.DataLoader | None = None
+    finetune_criterion: torch.nn.Module | None = None
 
 
 def prepare_data(args, context):
     """Datasets, loss and the endless calibration batches from --data/--val_data (each optional)."""
     prepared = PruneData()
     if args.data:
-        prepared.train_set = data.S2DSDataset(require_path(args.data, "--data folder", "dir"),
-                                              data.train_transform(args.crop_size))
+        prepared.train_set = data.training_set(require_path(args.data, "--data folder", "dir"), args.crop_size)
         prepared.criterion = make_criterion(args.loss, prepared.train_set, progress=True).to(context.device)
         prepared.calibration = endless_batches(train_loader(prepared.train_set, args.batch_size, args.workers,
                                                             args.seed, context))
@@ -146,25 +146,30 @@ def validation_miou(model, prepared, device):
     return summary_metrics(evaluate(model, prepared.val_loader, device, data.NUM_CLASSES).confusion.matrix)["mean_iou"]
 
 
-def finetune(model, prepared, args, context, epochs, seed):
-    """`epochs` of train.py's loop, optimiser and poly schedule on --data; a fresh optimiser because a
-    pruning step replaces every parameter."""
+def finetune(model, prepared, args, context, epochs, seed, on_epoch=None):
+    """`epochs` of train.py's loop, optimiser and poly schedule on --data (with prepared.finetune_criterion, e.g.
+    a distillation loss, when set); a fresh optimiser because a pruning step replaces every parameter.
+    on_epoch(epoch) after each epoch."""
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     loader = train_loader(prepared.train_set, args.batch_size, args.workers, seed, context)
     scheduler = poly_scheduler(optimizer, epochs * len(loader))
     for epoch in range(1, epochs + 1):
-        train_one_epoch(model, loader, prepared.criterion, optimizer, context.device, epoch, scheduler)
+        train_one_epoch(model, loader, prepared.finetune_criterion or prepared.criterion, optimizer, context.device,
+                        epoch, scheduler)
+        if on_epoch is not None:
+            on_epoch(epoch)
 
 
-def prune_in_steps(model, args, prepared, context, on_step):
+def prune_in_steps(model, args, prepared, context, on_step, ignored_layers=()):
     """Reach --pruning_ratio in --iterative_steps steps (Taylor gradients before, fine-tuning after each);
     on_step(step, percent, seconds, miou_before_finetune) after every step. Returns the pruning history.
 
     A step that removes no channel is an error: frozen or ignored layers would otherwise pass silently.
+    ignored_layers are left whole (the study's sensitivity prunes one part at a time).
     """
     kind = importance_name(args.importance_type)
     pruner = build_pruner(model, make_importance(kind, args.p_value), ratio_fraction(args.pruning_ratio),
-                          args.iterative_steps, args.global_pruning, args.round_to)
+                          args.iterative_steps, args.global_pruning, args.round_to, ignored_layers)
 
     def gradients():
         batches = [next(prepared.calibration) for _ in range(args.calib_batches)]
@@ -207,7 +212,8 @@ def run(args):
                                                             args.allow_pickle)
     paths = output_paths(args.output_dir,
                          args.model_name or default_model_name(arch, kind, args.p_value, args.pruning_ratio))
-    refuse_existing([paths["checkpoint"], paths["steps"]] + ([paths["pickle"]] if args.save_pickle else []),
+    # The steps table is written as the steps go: one without its checkpoint is a failed run's, replaced.
+    refuse_existing([paths["checkpoint"]] + ([paths["pickle"]] if args.save_pickle else []),
                     args.overwrite, "choose another --model_name")
     if args.keep_feature_extract:
         models.freeze_all_but_head(model)

@@ -21,7 +21,7 @@ from openpyxl.styles import Alignment, Font  # noqa: E402
 from openpyxl.utils import get_column_letter  # noqa: E402
 
 from utils.cli import UserError  # noqa: E402
-from utils.files import replace_atomically  # noqa: E402
+from utils.files import refuse_read_only, replace_atomically  # noqa: E402
 
 
 def write_csv(rows, path):
@@ -178,7 +178,8 @@ def write_workbook(path, sheets):
 
 @contextmanager
 def _exclusive_lock(path):
-    """Serialise appends from evaluations running side by side (POSIX; a no-op where fcntl is missing)."""
+    """Serialise appends from evaluations running side by side (POSIX; a no-op where fcntl is missing). The lock
+    is held on the workbook's folder itself, so no lock file is left behind."""
     try:
         import fcntl
     except ImportError:
@@ -186,12 +187,12 @@ def _exclusive_lock(path):
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f".{os.path.basename(path)}.lock"), "a") as handle:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 def _open_results_workbook(path):
@@ -212,6 +213,7 @@ def _open_results_workbook(path):
 def check_results_workbook(path):
     """Refuse early (before a long evaluation) when an existing comparison workbook cannot be appended to."""
     if os.path.exists(path):
+        refuse_read_only(path)
         _open_results_workbook(path)
 
 

@@ -5,17 +5,21 @@ and loss are utils.recipe's, so pruning's fine-tuning and the study train exactl
 """
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 from utils import data, model as models
-from utils.checkpoint import load_model, load_weights, make_checkpoint, read_checkpoint, save_atomic
+from utils.checkpoint import (build_from_checkpoint, for_deployment, load_model, load_weights, make_checkpoint,
+                              read_checkpoint, require_resume_state, save_atomic)
 from utils.cli import UserError, plain_name, require_path
-from utils.distributed import broadcast_object, cleanup, init_distributed, unwrap
-from utils.engine import evaluate, train_one_epoch
+from utils.distributed import broadcast_object, cleanup, init_distributed
+from utils.engine import amp_dtype, evaluate, train_one_epoch
+from utils.files import replace_atomically
 from utils.metrics import per_class_metrics, summary_metrics
+from utils.prune_ops import slice_extra_outputs
 from utils.recipe import build_optimizer, eval_loader, make_criterion, poly_scheduler, seed_everything, train_loader
 from utils.report import plot_curves, write_csv
 
@@ -29,14 +33,69 @@ def _prepare_run_dir(run_dir, resume, overwrite):
         if not os.path.isfile(last):
             raise UserError(f"nothing to resume: {last} does not exist; drop --resume to start the run")
         return
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        if not overwrite:
-            raise UserError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
-                            f"--overwrite to replace it, or choose another RUN_NAME")
-        shutil.rmtree(run_dir)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} is a file, not a run folder; move it away or choose another RUN_NAME")
+    saved = [name for name in ("last.pth", "best.pth") if os.path.exists(os.path.join(run_dir, name))]
+    if saved and not overwrite:
+        raise UserError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
+                        f"--overwrite to replace it, or choose another RUN_NAME")
+    for path in _run_files(run_dir):  # the earlier run's (--overwrite), or what a run that failed early left
+        os.remove(path)
+    others = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if saved and others:
+        print(f"--overwrite: removed the earlier run's files from {run_dir}; left {len(others)} other "
+              f"file(s) there: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}")
 
 
-def _build_model(args):
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "args.json")
+
+
+def _run_files(run_dir):
+    """The files a run writes into its folder (TensorBoard's event files too) that are there now; nothing else
+    in the folder is ever removed."""
+    if not os.path.isdir(run_dir):
+        return []
+    return [os.path.join(run_dir, name) for name in sorted(os.listdir(run_dir))
+            if name in RUN_FILES or name.startswith("events.out.tfevents.")]
+
+
+RUN_DEFAULTS = {
+    "arch": models.DEFAULT_ARCH, "init": "coco", "aux_loss": True, "keep_feature_extract": False,
+    "pruned_model": None, "train_pruned_fully": True, "load_pretrained_weights": None, "epochs": 30,
+    "batch_size": 4, "crop_size": 512, "eval_size": None, "lr": 0.01, "optimizer": "sgd", "weight_decay": 1e-4,
+    "loss": "ce_weighted", "patience": 0, "amp": False, "seed": 42, "deterministic": False,
+}
+"""The settings that make a run what it is. train.py leaves the ones not given as None: a new run takes these
+defaults, a resumed run its own saved values (so it never needs the COCO weights its last.pth replaces)."""
+
+
+def settle_settings(args, saved=None):
+    """Fill the run settings not given, from `saved` (the resumed run's args) or RUN_DEFAULTS; a given value
+    that contradicts the resumed run is refused, except --epochs, which may lengthen or shorten it."""
+    saved = saved or {}
+    for key, default in RUN_DEFAULTS.items():
+        given = getattr(args, key, None)
+        if key in saved and given is not None and given != saved[key] and key != "epochs":
+            raise UserError(f"--{key} {given} contradicts the run being resumed (its last.pth says {key} "
+                            f"{saved[key]}); drop --{key} to keep the run's own, or start a new RUN_NAME")
+        setattr(args, key, given if given is not None else saved.get(key, default))
+    return args
+
+
+def _build_model(args, resumed=None):
+    """The resumed run's own network (rebuilt from last.pth, no pretrained weights built), or a new one;
+    frozen as the run's settings say."""
+    if resumed is None:
+        model, arch, pruning = _new_model(args)
+    else:
+        model = load_weights(build_from_checkpoint(resumed), resumed["model"], "the run's last.pth").train()
+        arch, pruning = resumed["arch"], resumed.get("pruning")
+    if args.keep_feature_extract or (args.pruned_model and not args.train_pruned_fully):
+        models.freeze_all_but_head(model)
+    return model, arch, pruning
+
+
+def _new_model(args):
     """Dense from --arch/--init, or the pruned network of --pruned_model; weights on top if given."""
     pruning = None
     if args.pruned_model:
@@ -51,13 +110,12 @@ def _build_model(args):
                             f"--pruning_ratio 0 --model_name NAME")
     else:
         arch = args.arch
-        model = models.build(arch, data.NUM_CLASSES, args.init, args.aux_loss)
+        init = "none" if args.load_pretrained_weights else args.init  # W replaces whatever --init would download
+        model = models.build(arch, data.NUM_CLASSES, init, args.aux_loss)
     if args.load_pretrained_weights:
         checkpoint = read_checkpoint(args.load_pretrained_weights, allow_pickle=args.allow_pickle)
-        load_weights(model, checkpoint["model"], args.load_pretrained_weights)
-    frozen = args.keep_feature_extract or (args.pruned_model and not args.train_pruned_fully)
-    if frozen:
-        models.freeze_all_but_head(model)
+        weights = slice_extra_outputs(model, checkpoint["model"], data.NUM_CLASSES)  # the thesis' 8th output
+        load_weights(model, weights, args.load_pretrained_weights)
     return model, arch, pruning
 
 
@@ -83,6 +141,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: object = None
+    amp_dtype: torch.dtype = None
 
 
 @dataclass
@@ -106,15 +165,22 @@ def run(args):
     context = init_distributed(args.device)
     try:
         _train(args, context)
+    except TorchDynamoException as error:  # torch.compile fails at the first forward, not when asked
+        if not args.compile:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--compile failed on this machine ({reason[:200]}); drop --compile") from None
     finally:
         cleanup(context)
 
 
 def _train(args, context):
     run_dir = _set_up_run_dir(args, context)
+    resumed = _read_last(run_dir) if args.resume else None
+    settle_settings(args, resumed.get("args") if resumed else None)
     seed_everything(args.seed + context.rank, args.deterministic)
-    parts = _set_up(args, context)
-    progress = _resume(parts, run_dir, context) if args.resume else Progress()
+    parts = _set_up(args, context, resumed)
+    progress = _resume(parts, resumed, run_dir, context) if resumed else Progress()
     writer = _open_outputs(args, run_dir, context)
     for epoch in range(progress.start_epoch, args.epochs + 1):
         if args.patience and progress.stale >= args.patience:
@@ -142,14 +208,15 @@ def _set_up_run_dir(args, context):
     return run_dir
 
 
-def _set_up(args, context):
+def _set_up(args, context, resumed=None):
     """Data, model (wrapped for DDP), loss, loaders, optimiser, schedule and scaler."""
     device = context.device
-    train_set = data.S2DSDataset(args.train_dir, data.train_transform(args.crop_size))
+    train_set = data.training_set(args.train_dir, args.crop_size)
     val_set = data.S2DSDataset(args.val_dir, data.EvalTransform(args.eval_size))
-    model, arch, pruning = _build_model(args)
+    model, arch, pruning = _build_model(args, resumed)
     criterion = make_criterion(args.loss, train_set, context.is_main).to(device)
     model.to(device)
+    _speed_options(model, args)
     if context.enabled:
         if device.type == "cuda":  # SyncBatchNorm has no CPU kernels; gloo runs keep per-process statistics
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -159,17 +226,42 @@ def _set_up(args, context):
     val_loader = eval_loader(val_set, 1 if args.eval_size is None else args.batch_size, args.workers, context)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     scheduler = poly_scheduler(optimizer, args.epochs * len(loader))
-    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
-    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler)
+    dtype, scaler = _mixed_precision(args, device)
+    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype)
 
 
-def _resume(parts, run_dir, context):
-    """Weights, optimiser, schedule, scaler and progress from the run's last.pth."""
+def _speed_options(model, args):
+    """--channels_last (the weights' layout carries over to every activation) and --compile (torch.compile in
+    place, so the state_dict keys stay the same), each refused in one line where it cannot run."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if not args.compile:
+        return
+    if not hasattr(model, "compile") or not torch._dynamo.is_dynamo_supported():
+        raise UserError(f"--compile is not supported by torch {torch.__version__} on this platform; drop --compile")
+    try:
+        model.compile()
+    except Exception as error:  # e.g. no backend for this device
+        raise UserError(f"--compile failed on this machine ({type(error).__name__}: {error}); drop --compile") \
+            from None
+
+
+def _mixed_precision(args, device):
+    """(autocast dtype, GradScaler or None): bfloat16 needs no scaler, float16 does and runs on CUDA only."""
+    dtype = amp_dtype(device, args.amp_dtype)
+    if args.amp and dtype == torch.float16 and device.type != "cuda":
+        raise UserError("--amp_dtype float16 needs a CUDA GPU; on the CPU use bfloat16 (or auto)")
+    return dtype, torch.amp.GradScaler("cuda") if args.amp and dtype == torch.float16 else None
+
+
+def _read_last(run_dir):
+    """The run's last.pth, with the training state a resume needs."""
     path = os.path.join(run_dir, "last.pth")
-    state = read_checkpoint(path)
-    if state["arch"] != parts.arch:
-        raise UserError(f"{path} is a {state['arch']} run, not {parts.arch}")
-    load_weights(unwrap(parts.model), state["model"], path)
+    return require_resume_state(read_checkpoint(path), path)
+
+
+def _resume(parts, state, run_dir, context):
+    """Optimiser, schedule, scaler and progress from the run's last.pth (the weights came with the model)."""
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["lr_scheduler"])
     if parts.scaler is not None and state.get("scaler"):
@@ -185,8 +277,8 @@ def _open_outputs(args, run_dir, context):
     if not context.is_main:
         return None
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as handle:
-        json.dump({**vars(args), "world_size": context.world_size, "torch": torch.__version__}, handle, indent=2)
+    text = json.dumps({**vars(args), "world_size": context.world_size, "torch": torch.__version__}, indent=2)
+    replace_atomically(os.path.join(run_dir, "args.json"), lambda temporary: Path(temporary).write_text(text))
     if not args.tensorboard:
         return None
     from torch.utils.tensorboard import SummaryWriter
@@ -200,7 +292,8 @@ def _one_epoch(parts, args, context, epoch):
         parts.loader.sampler.set_epoch(epoch)
     lr = parts.optimizer.param_groups[0]["lr"]
     stats = train_one_epoch(parts.model, parts.loader, parts.criterion, parts.optimizer, context.device, epoch,
-                            parts.scheduler, parts.scaler, args.amp, progress=context.is_main)
+                            parts.scheduler, parts.scaler, args.amp, progress=context.is_main,
+                            amp_dtype=parts.amp_dtype)
     result = evaluate(parts.model, parts.val_loader, context.device, data.NUM_CLASSES, parts.criterion, args.amp,
                       progress=context.is_main)
     return _epoch_row(epoch, stats, result, lr)
@@ -214,8 +307,8 @@ def _save(parts, args, run_dir, progress, improved, writer):
         lr_scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
         epoch=row["epoch"], best_metric=progress.best, epochs_without_improvement=progress.stale,
         metrics=progress.history, args=vars(args))
-    if improved:
-        save_atomic(checkpoint, os.path.join(run_dir, "best.pth"))
+    if improved:  # what deployment needs only: the optimiser state would double or triple the file
+        save_atomic(for_deployment(checkpoint), os.path.join(run_dir, "best.pth"))
     save_atomic(checkpoint, os.path.join(run_dir, "last.pth"))
     write_csv(progress.history, os.path.join(run_dir, "metrics.csv"))
     plot_curves(progress.history, os.path.join(run_dir, "curves.png"), data.CLASS_NAMES)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils.cli import UserError
+from utils.cli import UserError, progress_enabled
 
 # id, name, colour in Labels_RGB (docs/ARCHITECTURE.md, "Data")
 CLASSES = (
@@ -57,19 +57,28 @@ def list_images(folder):
     """Image files of a folder, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
-def read_image(path):
-    """An RGB uint8 array; an unreadable file is a DatasetError naming it."""
+def read_image(path, upright=False):
+    """An RGB uint8 array; an unreadable or too large file is a DatasetError naming it. `upright` applies the
+    EXIF orientation, so a phone photo comes as it is displayed (labelled S2DS images are read as stored)."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+            return np.array((ImageOps.exif_transpose(image) if upright else image).convert("RGB"))
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"image {path} is too large to open safely ({error}); scale it down first") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from None
 
-def image_size(path):
-    """(width, height) from the file header, without decoding the pixels."""
+_EXIF_ORIENTATION = 0x0112
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+def image_size(path, upright=False):
+    """(width, height) from the file header, without decoding the pixels; as displayed when `upright`."""
     try:
         with Image.open(path) as image:
-            return image.size
+            turned = upright and image.getexif().get(_EXIF_ORIENTATION) in _TURNED
+            return image.size[::-1] if turned else image.size
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"image {path} is too large to open safely ({error}); scale it down first") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from None
 
@@ -276,6 +285,19 @@ def train_transform(crop_size, scale=(0.5, 2.0)):
         *normalization(),
     ])
 
+def training_set(split_dir, crop_size):
+    """The training split with train_transform's crop never larger than its smallest image side: padding a
+    96 px image to a 512 px crop is 96% padding, several times the time and memory for nothing."""
+    dataset = S2DSDataset(split_dir)
+    smallest = min(min(image_size(sample.image)) for sample in dataset.samples)
+    if crop_size > smallest:
+        print(f"--crop_size {crop_size} exceeds the smallest image side of {dataset.root} ({smallest} px); "
+              f"cropping {smallest} px instead", flush=True)
+        crop_size = smallest
+    dataset.transform = train_transform(crop_size)
+    return dataset
+
+
 class EvalTransform:
     """The whole image, optionally resized (shorter side = eval_size); the mask stays native."""
 
@@ -303,7 +325,7 @@ def label_statistics(dataset, progress=True):
     pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
     images = np.zeros(NUM_CLASSES, dtype=np.int64)
     ignored = 0
-    for sample in tqdm(dataset.samples, desc="reading labels", disable=not progress, leave=False):
+    for sample in tqdm(dataset.samples, desc="reading labels", disable=not progress_enabled(progress), leave=False):
         mask = read_label(sample.label)
         counts = np.bincount(mask.ravel(), minlength=256)
         pixels += counts[:NUM_CLASSES]

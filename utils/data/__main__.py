@@ -6,15 +6,17 @@
 
 A run-floor module (docs/ARCHITECTURE.md): it uses the dataset module below it and nothing above.
 """
+import os
 import shutil
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, run_main
+from utils.cli import ArgumentParser, add_quiet, progress_enabled, run_main, set_quiet
 from utils.data import (CLASSES, GRAY_DIR, IMAGE_DIR, IMAGE_EXTENSIONS, NUM_CLASSES, RGB_DIR, DatasetError,
                         find_samples, label_stem, list_images, read_image, read_label)
 
@@ -25,7 +27,7 @@ def _check(split_dir):
     samples = find_samples(split_dir, problems=problems)
     pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
     images = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for sample in tqdm(samples, desc="checking", leave=False):
+    for sample in tqdm(samples, desc="checking", leave=False, disable=not progress_enabled()):
         try:
             read_image(sample.image)
             mask = read_label(sample.label)
@@ -52,6 +54,23 @@ def _check(split_dir):
 
 
 
+@contextmanager
+def _staged(final):
+    """A hidden sibling of `final` to write into, renamed into place only when the block succeeds, so a failed
+    or killed run never leaves half a folder behind (a killed run's leftover is cleared by the next run)."""
+    staging = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    os.replace(staging, final)
+
+
 def _rgb2gray(split_dir):
     """Write Labels_grayscale/ from Labels_RGB/; refuses to overwrite an existing grayscale label."""
     split = Path(split_dir)
@@ -64,9 +83,11 @@ def _rgb2gray(split_dir):
     if existing:
         raise DatasetError(f"{existing[0]} already exists ({len(existing)} file(s)); move {gray_dir} "
                            f"away first, nothing was written")
-    gray_dir.mkdir(exist_ok=True)
-    for source, target in tqdm(list(zip(sources, targets)), desc="rgb2gray"):
-        Image.fromarray(read_label(source)).save(target)
+    if gray_dir.exists() and (not gray_dir.is_dir() or any(gray_dir.iterdir())):
+        raise DatasetError(f"{gray_dir} already exists and is not empty; move it away first, nothing was written")
+    with _staged(gray_dir) as staging:
+        for source, target in tqdm(list(zip(sources, targets)), desc="rgb2gray", disable=not progress_enabled()):
+            Image.fromarray(read_label(source)).save(staging / target.name)
     print(f"wrote {len(targets)} grayscale labels to {gray_dir}")
     return 0
 
@@ -97,18 +118,20 @@ def _prepare(release_dir, out_dir):
         if (out / split).exists() and any((out / split).iterdir()):
             raise DatasetError(f"{out / split} already exists and is not empty; choose another OUT_DIR")
     counts = {}
-    for stem in tqdm(sorted(images), desc="prepare"):
-        number = int(stem)
-        split = next((s for s, low, high in PUBLISHED_SPLITS if low <= number <= high), None)
-        if split is None:
-            raise DatasetError(f"{images[stem]}: number {number} is outside the published 000-742")
-        ids = read_label(labels[stem], rgb=True)
-        for folder in (IMAGE_DIR, RGB_DIR, GRAY_DIR):
-            (out / split / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(images[stem], out / split / IMAGE_DIR / images[stem].name)
-        shutil.copy2(labels[stem], out / split / RGB_DIR / f"{stem}{labels[stem].suffix}")
-        Image.fromarray(ids).save(out / split / GRAY_DIR / f"{stem}.png")
-        counts[split] = counts.get(split, 0) + 1
+    with ExitStack() as stack:
+        staging = {split: stack.enter_context(_staged(out / split)) for split, _, _ in PUBLISHED_SPLITS}
+        for stem in tqdm(sorted(images), desc="prepare", disable=not progress_enabled()):
+            number = int(stem)
+            split = next((s for s, low, high in PUBLISHED_SPLITS if low <= number <= high), None)
+            if split is None:
+                raise DatasetError(f"{images[stem]}: number {number} is outside the published 000-742")
+            ids = read_label(labels[stem], rgb=True)
+            for folder in (IMAGE_DIR, RGB_DIR, GRAY_DIR):
+                (staging[split] / folder).mkdir(exist_ok=True)
+            shutil.copy2(images[stem], staging[split] / IMAGE_DIR / images[stem].name)
+            shutil.copy2(labels[stem], staging[split] / RGB_DIR / f"{stem}{labels[stem].suffix}")
+            Image.fromarray(ids).save(staging[split] / GRAY_DIR / f"{stem}.png")
+            counts[split] = counts.get(split, 0) + 1
     print(f"wrote {out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s, _, _ in PUBLISHED_SPLITS))
     return 0
 
@@ -124,7 +147,10 @@ def main(argv=None):
     prepare = commands.add_parser("prepare", help="published release -> train/val/test split folders")
     prepare.add_argument("release_dir", metavar="RELEASE_DIR")
     prepare.add_argument("out_dir", metavar="OUT_DIR")
+    for command in (check, to_gray, prepare):
+        add_quiet(command)
     args = parser.parse_args(argv)
+    set_quiet(args.quiet)
     if args.command == "check":
         status = _check(args.split_dir)
     elif args.command == "rgb2gray":
