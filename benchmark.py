@@ -11,7 +11,7 @@ and NAME.png (latency against MACs); a rerun with the same --name replaces them 
 """
 import argparse
 
-from utils.cli import ArgumentParser, UserError, add_bool, plain_name, run_main, script_main
+from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, plain_name, run_main, script_main
 from utils.deploy import run_benchmark as run
 
 
@@ -31,6 +31,7 @@ def get_args_parser():
     parser.add_argument("--name", default="benchmark", help="file name of the CSV and plot (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    add_quiet(parser)
     return parser
 
 

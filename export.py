@@ -12,7 +12,7 @@ of pixels whose class agrees; exit status 1 when they are outside tolerance (flo
 import argparse
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UserError, add_bool, default_name, require_path, run_main, script_main
+from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, default_name, require_path, run_main, script_main
 from utils.deploy import run_export
 from utils.files import refuse_existing
 
@@ -32,6 +32,7 @@ def get_args_parser():
     parser.add_argument("--device", default="auto",
                         help="where to trace and check: auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    add_quiet(parser)
     return parser
 
 

@@ -15,7 +15,7 @@ model replaces them (and says so), an input is never written over.
 """
 import argparse
 
-from utils.cli import ArgumentParser, add_bool, run_main, script_main, str2bool
+from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main, str2bool
 from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, run
 
 
@@ -62,6 +62,7 @@ def get_args_parser():
 
     system = parser.add_argument_group("system")
     system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add_quiet(parser)
     return parser
 
 

@@ -12,7 +12,7 @@ row to OUTPUT_DIR/model_test_results.xlsx so variants (e.g. pruned ones) sit sid
 import argparse
 
 from utils.checkpoint import check_model_options
-from utils.cli import ArgumentParser, UserError, add_bool, run_main, script_main
+from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, run_main, script_main
 from utils.evaluation import run
 
 
@@ -60,6 +60,7 @@ def get_args_parser():
     system = parser.add_argument_group("system")
     system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
+    add_quiet(parser)
     return parser
 
 

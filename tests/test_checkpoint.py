@@ -105,3 +105,23 @@ def test_loading_rules_for_test_and_inference(mobilenet_checkpoint):
     model, metadata = load_for_inference(weights=mobilenet_checkpoint, pruned_model=mobilenet_checkpoint,
                                          use_pruned=True)
     assert metadata["weights_path"] == str(mobilenet_checkpoint) and not model.training
+
+
+def test_strip_checkpoint_keeps_the_network_drops_the_training_state(tmp_path):
+    from conftest import assert_user_error, run_script
+
+    torch.manual_seed(0)
+    network = models.build(ARCH, 7, init="none")
+    optimizer = torch.optim.AdamW(network.parameters())
+    network(torch.randn(2, 3, 64, 64))["out"].mean().backward()
+    optimizer.step()
+    source, target = tmp_path / "last.pth", tmp_path / "deploy.pth"
+    save_atomic(make_checkpoint(network, ARCH, optimizer=optimizer.state_dict(), lr_scheduler={}, epoch=4), source)
+    result = run_script("strip_checkpoint.py", source, target)
+    assert result.returncode == 0, result.stderr
+    stripped = torch.load(target, weights_only=True)
+    assert "optimizer" not in stripped and "lr_scheduler" not in stripped and stripped["epoch"] == 4
+    assert os.path.getsize(target) < os.path.getsize(source) / 2
+    assert torch.equal(outputs(load_model(target)[0]), outputs(network))
+    assert_user_error(run_script("strip_checkpoint.py", source, target), "already exists", "--overwrite")
+    assert run_script("strip_checkpoint.py", source, target, "--overwrite").returncode == 0

@@ -1,5 +1,6 @@
 """Command-line conventions: boolean spellings, one-line errors, device choice."""
 import argparse
+import sys
 
 import pytest
 
@@ -63,3 +64,16 @@ def test_device_choice():
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(UserError, match="unknown --device"):
         resolve_device("tpu")
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_quiet(monkeypatch):
+    from utils.cli import progress_enabled, set_quiet
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    set_quiet(False)
+    assert progress_enabled() and not progress_enabled(False)
+    set_quiet(True)
+    assert not progress_enabled()
+    set_quiet(False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not progress_enabled()

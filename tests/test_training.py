@@ -15,7 +15,7 @@ from PIL import Image
 import train
 from conftest import REPO, assert_user_error, run_script
 from utils import data, model as models
-from utils.checkpoint import load_model, make_checkpoint, save_atomic
+from utils.checkpoint import TRAINING_STATE, load_model, make_checkpoint, save_atomic
 from utils.synthetic import generate
 
 FAST = ["--batch_size", "2", "--crop_size", "64", "--init", "none", "--device", "cpu", "--workers", "0"]
@@ -142,3 +142,34 @@ def test_torchrun_two_cpu_processes_write_one_set_of_outputs(dataset_dir, tmp_pa
     state = torch.load(run / "last.pth", weights_only=True)
     assert state["args"]["run_name"] == "ddp" and not any(k.startswith("module.") for k in state["model"])
     assert json.loads((run / "args.json").read_text())["world_size"] == 2
+
+
+def test_resume_takes_the_runs_own_settings_and_builds_no_pretrained_weights(dataset_dir, tmp_path, monkeypatch):
+    split = [dataset_dir / "train", dataset_dir / "val", "own"]
+    system = ["--device", "cpu", "--workers", "0", "--output_dir", tmp_path]
+    train.main(list(map(str, split + system)) + [*MOBILE, "--init", "none", "--epochs", "1", "--batch_size", "2",
+                                                  "--crop_size", "64", "--optimizer", "adamw", "--lr", "0.003"])
+    run = tmp_path / "runs" / "own"
+    last = torch.load(run / "last.pth", weights_only=True)
+    last["args"]["init"] = "coco"  # as a real run's: resuming must not build (download) what last.pth replaces
+    save_atomic(last, run / "last.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights_here"))
+    resumed = run_script("train.py", *split, *system, "--resume", "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "\r" not in resumed.stderr  # no progress bars without a terminal
+    saved = json.loads((run / "args.json").read_text())
+    assert (saved["arch"], saved["optimizer"], saved["lr"], saved["crop_size"], saved["epochs"]) == (
+        MOBILE[1], "adamw", 0.003, 64, 2)
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert_user_error(run_script("train.py", *split, *system, "--resume", "--lr", "0.1"),
+                      "--lr 0.1 contradicts", "0.003")
+
+
+def test_best_holds_what_deployment_needs_and_last_what_resuming_needs(dataset_dir, tmp_path):
+    train.main(train_args(dataset_dir, tmp_path, "slim", *MOBILE, "--epochs", "1", "--optimizer", "adamw"))
+    best = torch.load(tmp_path / "runs" / "slim" / "best.pth", weights_only=True)
+    last = torch.load(tmp_path / "runs" / "slim" / "last.pth", weights_only=True)
+    assert not set(TRAINING_STATE) & set(best) and {"optimizer", "lr_scheduler"} <= set(last)
+    assert best["model"].keys() == last["model"].keys() and best["epoch"] == 1 and best["args"]["optimizer"] == "adamw"
+    weights = sum(t.numel() * t.element_size() for t in best["model"].values())
+    assert os.path.getsize(tmp_path / "runs" / "slim" / "best.pth") < 1.05 * weights + 200_000

@@ -111,8 +111,11 @@ def read_checkpoint(path, allow_pickle=False):
             raise UserError(f"{path} is a pickled whole model; loading it runs code stored in the file. "
                             f"If you trust it, pass --allow_pickle") from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    except OSError as error:
+        raise UserError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    except Exception as error:  # the unpickler fails on a damaged or foreign file in many ways (IndexError, ...)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch file, or a damaged one ({reason})") from None
     if isinstance(obj, torch.nn.Module):
         checkpoint = _from_state_dict(obj.state_dict(), path)
         checkpoint["format"] = "pickled_model"

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_model
-from utils.cli import UserError, default_name, device_name, resolve_device
+from utils.cli import UserError, default_name, device_name, progress_enabled, resolve_device
 from utils.files import replace_atomically
 from utils.model import count_macs, fold_batchnorm, forward_logits, strip_aux_head
 from utils.report import write_csv
@@ -279,7 +279,8 @@ def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20
         if not os.path.isfile(path):
             raise UserError(f"checkpoint not found: {path}")
     variants = [prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold)
-                for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading", disable=not progress,
+                for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading",
+                                        disable=not progress_enabled(progress),
                                         dynamic_ncols=True)]
     rows = add_ratios(time_variants(variants, runs, warmup, device, onnx))
     gemm = gemm_gflops(device, torch.float16 if half else torch.float32)

@@ -12,18 +12,28 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from utils.cli import UserError
+from utils.cli import UserError, progress_enabled
 from utils.data import CRACK_ID, IGNORE_INDEX
 from utils.distributed import unwrap
+from utils.losses import DistillationLoss
 from utils.metrics import ConfusionMatrix, ToleranceAccumulator, image_scores
 from utils.model import forward_logits, sliding_window_logits
 from utils.timing import synchronize
 
 
-def autocast(device, enabled):
-    """Mixed precision in one place: float16 on CUDA (with a GradScaler), bfloat16 on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+def amp_dtype(device, requested="auto"):
+    """The mixed-precision type: bfloat16 where the device computes it natively (CPU, CUDA compute capability
+    8+, no GradScaler needed), float16 on older GPUs (with a GradScaler); `requested` overrides auto."""
+    if requested != "auto":
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device, enabled, dtype=None):
+    """Mixed precision in one place, in `dtype` (default: amp_dtype(device))."""
+    return torch.autocast(device.type, dtype=dtype or amp_dtype(device), enabled=enabled)
 
 
 def _all_reduce_sum(values, device):
@@ -45,22 +55,25 @@ def _freeze_frozen_batchnorm(model):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, device, epoch, scheduler=None, scaler=None,
-                    amp=False, progress=True):
-    """One pass over `loader`; returns mean loss and the seconds spent waiting for data vs computing."""
+                    amp=False, progress=True, amp_dtype=None):
+    """One pass over `loader`; returns mean loss and the seconds spent waiting for data vs computing (the rest of
+    the epoch's wall time: the device is synchronised once per epoch, not per step)."""
     model.train()
     _freeze_frozen_batchnorm(model)
     loss_sum = torch.zeros((), device=device)
     samples = 0
-    data_seconds = compute_seconds = 0.0
-    bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not progress, leave=False, dynamic_ncols=True)
-    ready = time.perf_counter()
+    data_seconds = 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not progress_enabled(progress), leave=False,
+               dynamic_ncols=True)
+    started = ready = time.perf_counter()
     for step, (images, masks, _) in enumerate(bar):
-        arrived = time.perf_counter()
-        data_seconds += arrived - ready
+        data_seconds += time.perf_counter() - ready
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
-        with autocast(device, amp):
-            loss = criterion(model(images), masks)
+        with autocast(device, amp, amp_dtype):
+            output = model(images)  # a DistillationLoss also shows the images to its teacher
+            loss = criterion(output, masks, images) if isinstance(criterion, DistillationLoss) else \
+                criterion(output, masks)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -75,9 +88,9 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch, schedule
         samples += images.shape[0]
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        synchronize(device)
         ready = time.perf_counter()
-        compute_seconds += ready - arrived
+    synchronize(device)
+    compute_seconds = time.perf_counter() - started - data_seconds
     total_loss, total_samples = _all_reduce_sum([loss_sum.item(), samples], device)
     mean_loss = total_loss / max(1, total_samples)
     if not math.isfinite(mean_loss):
@@ -120,7 +133,7 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, prog
     loss_sum, loss_pixels, images_seen, forward_seconds = 0.0, 0, 0, 0.0
     per_image_rows = []
     started = time.perf_counter()
-    for images, masks, indices in tqdm(loader, desc="evaluate", disable=not progress, leave=False,
+    for images, masks, indices in tqdm(loader, desc="evaluate", disable=not progress_enabled(progress), leave=False,
                                        dynamic_ncols=True):
         pairs = [(images, masks)] if isinstance(images, torch.Tensor) else \
             [(image[None], mask[None]) for image, mask in zip(images, masks)]
