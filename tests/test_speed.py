@@ -1,0 +1,86 @@
+"""Speed options of training (mixed-precision type, channels_last, --compile, one sync per epoch) on a CPU."""
+import copy
+
+import pytest
+import torch
+from torch._dynamo.exc import TorchDynamoException
+
+import train
+from utils import data, engine, model as models
+from utils.cli import UserError
+from utils.recipe import make_criterion
+
+FAST = ["--batch_size", "2", "--crop_size", "64", "--init", "none", "--device", "cpu", "--workers", "0",
+        "--arch", "lraspp_mobilenet_v3_large", "--epochs", "1"]
+
+
+def train_args(dataset_dir, out, *extra):
+    return [str(dataset_dir / "train"), str(dataset_dir / "val"), "speed", *FAST, "--output_dir", str(out), *extra]
+
+
+def test_amp_dtype_is_bfloat16_where_native_and_float16_on_older_gpus(monkeypatch):
+    assert engine.amp_dtype(torch.device("cpu")) == torch.bfloat16
+    assert engine.amp_dtype(torch.device("cpu"), "float16") == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert engine.amp_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert engine.amp_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+def _one_epoch(network, dataset_dir, channels_last, steps=2):
+    train_set = data.S2DSDataset(dataset_dir / "train", data.EvalTransform(None))  # no random crops: same batches
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, range(2 * steps)), batch_size=2)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01)
+    stats = engine.train_one_epoch(network, loader, make_criterion("ce", train_set, False), optimizer,
+                                   torch.device("cpu"), 1, progress=False)
+    return stats, network
+
+
+def test_channels_last_training_gives_the_same_losses_and_weights(dataset_dir, monkeypatch):
+    syncs = []
+    monkeypatch.setattr(engine, "synchronize", syncs.append)
+    torch.manual_seed(0)
+    network = models.build("lraspp_mobilenet_v3_large", data.NUM_CLASSES, init="none")
+    plain, plain_network = _one_epoch(copy.deepcopy(network), dataset_dir, False)
+    fast, fast_network = _one_epoch(copy.deepcopy(network), dataset_dir, True)
+    assert len(syncs) == 2  # one per epoch, not one per step
+    assert fast_network.backbone["0"][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    start = network.state_dict()
+    for name, expected in plain_network.named_parameters():  # the same step, up to float rounding
+        step, fast_step = expected.detach() - start[name], fast_network.get_parameter(name).detach() - start[name]
+        assert (fast_step - step).norm() <= 1e-2 * step.norm() + 1e-7, name
+    assert plain["data_seconds"] >= 0 and plain["compute_seconds"] > 0
+
+
+def test_compile_is_refused_in_one_line_where_unsupported(dataset_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(UserError, match="--compile is not supported by torch .* drop --compile"):
+        train.main(train_args(dataset_dir, tmp_path / "a", "--compile"))
+
+
+def test_compile_errors_become_one_line_when_asked_for_and_at_the_first_forward(dataset_dir, tmp_path,
+                                                                                 monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("no backend for this device")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", refuse)
+    with pytest.raises(UserError, match=r"--compile failed on this machine \(RuntimeError: no backend"):
+        train.main(train_args(dataset_dir, tmp_path / "b", "--compile"))
+
+    def fail_at_first_forward(*args, **kwargs):
+        raise TorchDynamoException("inductor: C++ compiler not found")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr("utils.training.train_one_epoch", fail_at_first_forward)
+    with pytest.raises(UserError, match=r"--compile failed on this machine \(inductor: C\+\+ compiler not found"):
+        train.main(train_args(dataset_dir, tmp_path / "c", "--compile"))
+    with pytest.raises(TorchDynamoException):  # without --compile it is a programming error: traceback kept
+        train.main(train_args(dataset_dir, tmp_path / "d"))
+
+
+def test_float16_autocast_is_refused_on_the_cpu(dataset_dir, tmp_path):
+    with pytest.raises(UserError, match="--amp_dtype float16 needs a CUDA GPU"):
+        train.main(train_args(dataset_dir, tmp_path, "--amp", "--amp_dtype", "float16"))
