@@ -1,11 +1,14 @@
-"""Speed options of training (mixed-precision type, channels_last, --compile, one sync per epoch) on a CPU."""
+"""Speed options on a CPU: training's mixed-precision type, channels_last, --compile and one sync per epoch;
+scripts/benchmark_tiling.py."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
 import train
+from conftest import run_script
 from utils import data, engine, model as models
 from utils.cli import UserError
 from utils.recipe import make_criterion
@@ -84,3 +87,23 @@ def test_compile_errors_become_one_line_when_asked_for_and_at_the_first_forward(
 def test_float16_autocast_is_refused_on_the_cpu(dataset_dir, tmp_path):
     with pytest.raises(UserError, match="--amp_dtype float16 needs a CUDA GPU"):
         train.main(train_args(dataset_dir, tmp_path, "--amp", "--amp_dtype", "float16"))
+
+
+def test_benchmark_tiling_prints_cost_and_agreement_of_each_setting(tmp_path, lively_mobilenet_checkpoint):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (9, 16, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((130, 70), Image.Resampling.BILINEAR).save(tmp_path / "photo.png")
+    result = run_script("scripts/benchmark_tiling.py", "--state_dict", lively_mobilenet_checkpoint, "--image",
+                        tmp_path / "photo.png", "--tile", "48", "--tile_batch", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "photo.png: 130x70 px" in lines[0] and lines[1].startswith("whole photo: 1 window, 1.00x")
+    default, former = lines[2], lines[3]
+    # 48 px tiles at stride 42 (default): 3x2 windows of 48x38 px; at stride 24: 5x2 windows of 46x47 px
+    assert default.startswith("tile 48, stride 42 (default): 6 windows, 1.20x the photo's pixels")
+    assert former.startswith("tile 48, stride 24 (half-tile stride, the former default): 10 windows, 2.38x")
+    for line in (default, former):
+        agreement = float(line.split(" s, ")[1].split("%")[0])
+        assert 0 < agreement <= 100  # untrained and 48 px tiles: little context, so no bound on the value
