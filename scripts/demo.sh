@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: a generated S2DS-format sample dataset, then every stage of the workflow on it:
-# train -> evaluate -> prune -> fine-tune -> evaluate -> inference -> ONNX export -> benchmark.
+# train -> evaluate -> prune -> fine-tune -> evaluate -> inference -> ONNX export -> benchmark -> pruning study.
 # Usage: scripts/demo.sh PYTHON DATA_DIR   (the Makefile passes .venv/bin/python results/demo_data)
 set -euo pipefail
 PY=${1:-.venv/bin/python}
@@ -54,6 +54,12 @@ step "8. speed and size, dense vs pruned"
 $PY benchmark.py "$RUN/best.pth" "$RESULTS/runs/demo_pruned/best.pth" --size 128 --runs 5 --warmup 1 \
     --output_dir "$RESULTS"
 
+step "9. pruning study: L2 magnitude and Taylor at 30% and 60%, each fine-tuned 1 epoch, scored and timed"
+$PY study.py --state_dict "$RUN/best.pth" --data "$DATA/train" --val_data "$DATA/val" --test_data "$DATA/test" \
+    --importance_type Magnitude Taylor --p_value 2 --pruning_ratio 30 60 --iterative_steps 1 --finetune_epochs 1 \
+    --crop_size 96 --batch_size 8 --calib_batches 2 --measure_size 128 --latency_runs 3 --workers 2 \
+    --name demo_study --overwrite --output_dir "$RESULTS"
+
 step "done"
 cat <<EOT
 sample dataset        $DATA/{train,val,test}
@@ -66,4 +72,6 @@ inference figures     $RESULTS/inference/ (<photo>_demo_best_overlay.png, _side_
                       the pruned model's masks as <photo>_demo_pruned_best_mask.png)
 ONNX model            $RESULTS/export/ (see the trtexec line above)
 benchmark             $RESULTS/benchmark/
+pruning study         $RESULTS/studies/demo_study/ (study.png: test mIoU and crack F1 against GMACs and latency;
+                      study.xlsx, study.csv, one checkpoint per variant)
 EOT

@@ -1,0 +1,96 @@
+"""The pruning study: every combination of criterion, norm, ratio and schedule pruned from one trained network,
+fine-tuned, scored on the test split as test.py scores it and timed beside the dense network.
+
+    python study.py --state_dict results/runs/base/best.pth --data data/train --val_data data/val \\
+        --test_data data/test --pruning_ratio 20 40 60 --importance_type Magnitude Taylor --p_value 1 2 \\
+        --iterative_steps 1 5 --finetune_epochs 10 --name r101_study
+    python study.py ... --sensitivity     each part (ResNet stage, ASPP, head 3x3 conv) pruned alone, untuned
+
+Writes OUTPUT_DIR/studies/NAME/: one checkpoint per variant (NAME/<variant>.pth, for test.py, inference.py,
+benchmark.py), study.csv and study.xlsx (one row per variant plus the dense row: criterion, p, ratio, steps, GMACs,
+params, latency, speed-up, test mIoU, crack IoU, crack tolerance F1, change against dense), study.png (the scores
+against GMACs and latency), and with --sensitivity sensitivity.csv and sensitivity.png. Rerun the same command to
+resume after an interruption: finished variants are kept. Other arguments under an existing NAME need --overwrite.
+"""
+import argparse
+
+from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main
+from utils.losses import LOSSES
+from utils.prune_ops import IMPORTANCES
+from utils.recipe import OPTIMIZERS
+from utils.study import check_args, run
+
+
+def get_args_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("the dense network")
+    model.add_argument("--state_dict", required=True, metavar="W.pth",
+                       help="trained weights: a CrackSense checkpoint or a plain state_dict (thesis *_weights.pth)")
+    add_bool(model, "--allow_pickle", False, "accept a whole pickled model (unpickling runs code from the file)")
+
+    grid = parser.add_argument_group("the grid (every combination runs)")
+    grid.add_argument("--pruning_ratio", type=float, nargs="+", required=True, metavar="PERCENT",
+                      help="percents of channels to remove, each 1 to 99")
+    grid.add_argument("--importance_type", nargs="+", default=["Magnitude"], metavar="NAME",
+                      help=f"criteria: {', '.join(IMPORTANCES)} (default: Magnitude)")
+    grid.add_argument("--p_value", type=int, nargs="+", default=[2], metavar="P",
+                      help="norms of Magnitude/LAMP/FPGM (1 = L1, 2 = L2); the others have none (default: 2)")
+    grid.add_argument("--iterative_steps", type=int, nargs="+", default=[1], metavar="N",
+                      help="schedules: reach the ratio in N equal steps (default: 1)")
+    add_bool(grid, "--global_pruning", False, "rank channels across layers instead of the same share per layer")
+    grid.add_argument("--round_to", type=int, default=None, metavar="N", help="keep channel counts multiples of N")
+    add_bool(grid, "--sensitivity", False,
+             "instead of the grid: prune each part alone (ResNet stage, ASPP, head 3x3 conv) at each ratio with the "
+             "first criterion, no fine-tuning, and plot the val mIoU drop per part")
+
+    tuning = parser.add_argument_group("data and fine-tuning (torchvision_pruning.py's names)")
+    tuning.add_argument("--data", metavar="TRAIN_DIR", help="training split: Taylor gradients and fine-tuning")
+    tuning.add_argument("--val_data", metavar="VAL_DIR", help="validation split: picks the best fine-tuning epoch")
+    tuning.add_argument("--test_data", metavar="TEST_DIR", help="test split: every variant is scored on it")
+    tuning.add_argument("--finetune_epochs", type=int, default=10,
+                        help="fine-tuning epochs after pruning, the best by val mIoU kept (default: %(default)s)")
+    tuning.add_argument("--step_finetune_epochs", type=int, default=1,
+                        help="fine-tuning epochs after each step of a schedule of several steps "
+                             "(torchvision_pruning.py's --finetune_epochs) (default: %(default)s)")
+    tuning.add_argument("--distill_weight", type=float, default=0.0, metavar="W",
+                        help="add W x the KL divergence from the dense network's logits to the fine-tuning loss; "
+                             "0 = none (default: %(default)s)")
+    tuning.add_argument("--distill_temperature", type=float, default=2.0, metavar="T",
+                        help="softmax temperature of the distillation (default: %(default)s)")
+    tuning.add_argument("--calib_batches", type=int, default=8,
+                        help="batches whose loss gradients rank channels for Taylor (default: %(default)s)")
+    tuning.add_argument("--calib_mode", default="eval", choices=("eval", "train"),
+                        help="BatchNorm while Taylor's gradients are taken (default: %(default)s)")
+    tuning.add_argument("--batch_size", type=int, default=4, help="(default: %(default)s)")
+    tuning.add_argument("--crop_size", type=int, default=512,
+                        help="random crop side in px, never more than the smallest image side (default: %(default)s)")
+    tuning.add_argument("--lr", type=float, default=0.001, help="(default: %(default)s)")
+    tuning.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(default: %(default)s)")
+    tuning.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
+    tuning.add_argument("--loss", default="ce_weighted", choices=LOSSES, help="(default: %(default)s)")
+
+    output = parser.add_argument_group("measurement and output")
+    output.add_argument("--name", required=True, help="study folder under OUTPUT_DIR/studies/")
+    output.add_argument("--lt_tolerance", type=int, default=4, metavar="PX",
+                        help="tolerance of the crack tolerance F1, as test.py (default: %(default)s)")
+    output.add_argument("--measure_size", type=int, default=512,
+                        help="image side in px for MACs and latency (default: %(default)s)")
+    output.add_argument("--latency_runs", type=int, default=5,
+                        help="interleaved timing rounds, dense and every variant; 0 skips (default: %(default)s)")
+    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    add_bool(output, "--overwrite", False,
+             "start the study of this --name again, replacing its files (needed when its arguments changed)")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
+    system.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    add_quiet(parser)
+    return parser
+
+
+main = script_main(get_args_parser, run, check_args)
+
+
+if __name__ == "__main__":
+    run_main(main)
