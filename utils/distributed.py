@@ -25,16 +25,20 @@ class DistContext:
 
 
 def init_distributed(device_name):
-    """Read torchrun's environment; NCCL on GPUs, gloo on CPU. Without torchrun: one process."""
+    """Read torchrun's environment; NCCL on GPUs, gloo on CPU. Without torchrun: one process.
+
+    More processes than GPUs share them round-robin; NCCL refuses two processes on one GPU, so
+    CRACKSENSE_DIST_BACKEND=gloo runs them with gloo on CUDA tensors (scripts/gpu_check.sh does)."""
     device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = os.environ.get("CRACKSENSE_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend)
     return DistContext(rank, world_size, local_rank, device)
 
 
