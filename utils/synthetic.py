@@ -1,4 +1,4 @@
-"""Generate a synthetic S2DS-format dataset: concrete texture, thin branching cracks and areal defects.
+"""Generate a synthetic S2DS-format dataset: concrete texture, branching cracks a few px wide, areal defects.
 
 The demo and the tests need data a model can learn from without the 743-patch download, so every
 defect here is drawn with a look of its own and labelled exactly where it was drawn.
@@ -6,6 +6,7 @@ Output per split: Images/ (RGB PNG), Labels_grayscale/ (class ids) and Labels_RG
 files numbered continuously across splits (000.png ...) like the published release.
 """
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,30 @@ def _smooth_noise(rng, size, cells):
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
+@lru_cache(maxsize=None)
+def _photo(name):
+    """A greyscale texture photograph shipped inside scikit-image (no download), as float32."""
+    from skimage import data as photos
+
+    return getattr(photos, name)().astype(np.float32)
+
+
+def _photo_texture(rng, name, size):
+    """Zero-mean, unit-variance texture from a random crop of a real photo (gravel: aggregate, grass:
+    leaves), rotated by a multiple of 90 degrees, so surfaces carry real, not only noise-made, detail."""
+    photo = _photo(name)
+    side = int(rng.uniform(0.3, 0.6) * min(photo.shape))
+    y, x = (int(rng.integers(0, n - side + 1)) for n in photo.shape)
+    crop = np.rot90(photo[y:y + side, x:x + side], int(rng.integers(0, 4)))
+    field = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR))
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
 def _concrete(rng, size):
-    """Grey concrete: noise at three scales, a slight colour tint and small dark pores."""
+    """Grey concrete: blotches at two scales, aggregate from a gravel photo, a slight tint, dark pores."""
     base = rng.uniform(125, 175)
     value = base * (1 + 0.08 * _smooth_noise(rng, size, 3) + 0.05 * _smooth_noise(rng, size, size / 16)
-                    + 0.04 * _smooth_noise(rng, size, size / 4))
+                    + rng.uniform(0.03, 0.07) * _photo_texture(rng, "gravel", size))
     value += rng.normal(0, 5, (size, size))
     pores = Image.new("L", (size, size))
     draw = ImageDraw.Draw(pores)
@@ -81,8 +101,8 @@ def _control_point(rng, size, grid):
 
 
 def _paint_vegetation(rng, image, mask, size):
-    """Green, leafy: fine noise modulates brightness, dark gaps between leaves."""
-    leaves = _smooth_noise(rng, size, size / 3)
+    """Green, leafy: a grass photo modulates brightness, dark gaps between leaves."""
+    leaves = _photo_texture(rng, "grass", size)
     green = np.array([rng.uniform(50, 90), rng.uniform(110, 160), rng.uniform(35, 70)])
     shade = 1 + 0.25 * leaves + rng.normal(0, 0.08, leaves.shape)
     shade = np.where(leaves < -1.0, 0.45, shade)
@@ -127,43 +147,56 @@ _PAINT = {
 
 
 def _walk(rng, start, angle, length, step):
-    """A random walk with a slowly drifting direction: points and the heading at each point."""
+    """A crack's course: the heading wanders about its start direction (no loops), jagged step to step."""
     x, y = start
     points, headings = [(x, y)], [angle]
-    turn = 0.0
+    drift = 0.0
     for _ in range(max(2, int(length / step))):
-        turn = 0.7 * turn + rng.normal(0, 0.12)
-        angle += turn
-        x, y = x + step * math.cos(angle), y + step * math.sin(angle)
+        drift = float(np.clip(0.85 * drift + rng.normal(0, 0.15), -0.9, 0.9))
+        heading = angle + drift + rng.normal(0, 0.25)
+        x, y = x + step * math.cos(heading), y + step * math.sin(heading)
         points.append((x, y))
-        headings.append(angle)
+        headings.append(angle + drift)
     return points, headings
 
 
-def _draw_crack(rng, draw, start, angle, length, width, step, depth=0):
-    """One crack with up to two branches, each branch thinner and shorter, branching once more."""
+def _draw_crack(rng, draws, start, angle, length, width, step, depth=0):
+    """One crack with up to two branches, each narrower and shorter, branching once more.
+
+    `draws` is (label canvas, dark-core canvas): the core, half as wide, gets the deepest shadow.
+    """
     points, headings = _walk(rng, start, angle, length, step)
-    draw.line(points, fill=1, width=width, joint="curve")
+    draws[0].line(points, fill=1, width=width, joint="curve")
+    draws[1].line(points, fill=1, width=max(1, width // 2), joint="curve")
     if depth == 2:
         return
     for _ in range(rng.integers(0, 3 - depth)):
         i = int(rng.integers(len(points) // 4, len(points)))
         side = 1 if rng.random() < 0.5 else -1
-        _draw_crack(rng, draw, points[i], headings[i] + side * rng.uniform(0.5, 1.1),
-                    length * rng.uniform(0.25, 0.5), max(1, int(width * 0.6)), step, depth + 1)
+        _draw_crack(rng, draws, points[i], headings[i] + side * rng.uniform(0.4, 1.0),
+                    length * rng.uniform(0.3, 0.6), max(2, round(width * 0.7)), step, depth + 1)
 
 
-def _crack_mask(rng, size, count):
-    """`count` cracks 1-3 px wide at 128 px (widths and lengths scale with the image)."""
-    canvas = Image.new("L", (size, size))
-    draw = ImageDraw.Draw(canvas)
+def _crack_masks(rng, size, count):
+    """`count` cracks 2-5 px wide at 128 px (widths and lengths scale with the image), as S2DS cracks
+    look in its 1024 px patches scaled down; returns the labelled mask and its darker core."""
+    canvases = [Image.new("L", (size, size)) for _ in range(2)]
+    draws = [ImageDraw.Draw(canvas) for canvas in canvases]
     scale = size / 128
     for _ in range(count):
-        width = max(1, round(rng.choice((1, 2, 3), p=(0.4, 0.4, 0.2)) * scale))
-        start = tuple(rng.uniform(0.15, 0.85, 2) * size)
-        _draw_crack(rng, draw, start, rng.uniform(0, 2 * math.pi), rng.uniform(0.35, 0.8) * size,
+        width = max(2, round(rng.choice((2, 3, 4, 5), p=(0.3, 0.3, 0.25, 0.15)) * scale))
+        start = tuple(rng.uniform(0.1, 0.9, 2) * size)
+        _draw_crack(rng, draws, start, rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 1.0) * size,
                     width, max(1.0, 2 * scale))
-    return np.asarray(canvas) > 0
+    crack, core = (np.asarray(canvas) > 0 for canvas in canvases)
+    return crack, core & crack
+
+
+def _shade_cracks(rng, image, crack, core):
+    """Cracks are shadows: the rim darkened, the core darker still, with some variation along them."""
+    depth = rng.uniform(0.3, 0.45)
+    factor = np.where(core, depth, 0.5 * (1 + depth)) + rng.normal(0, 0.04, crack.shape)
+    image[crack] *= np.clip(factor, 0.2, 0.8)[crack][:, None]
 
 
 def _sample(rng, size, areal_ids, with_cracks):
@@ -179,8 +212,8 @@ def _sample(rng, size, areal_ids, with_cracks):
         _PAINT[class_id](rng, image, mask, size)
         ids[mask] = class_id
     if with_cracks:
-        crack = _crack_mask(rng, size, int(rng.integers(1, 4)))
-        image[crack] *= np.clip(rng.uniform(0.3, 0.45) + rng.normal(0, 0.04, (int(crack.sum()), 1)), 0.2, 0.55)
+        crack, core = _crack_masks(rng, size, int(rng.integers(1, 4)))
+        _shade_cracks(rng, image, crack, core)
         ids[crack] = CRACK_ID
     for _ in range(areal_ids.count(CONTROL_POINT_ID)):
         mask, colours = _control_point(rng, size, grid)
