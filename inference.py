@@ -45,6 +45,7 @@ def get_args_parser():
                         help="tiles per forward: more keeps a GPU busy, costs N times the memory "
                              "(default: %(default)s)")
     add_bool(inputs, "--half", False, "float16 on a CUDA GPU (e.g. a Jetson); refused on the CPU")
+    add_bool(inputs, "--channels_last", False, "channels-last memory format (often faster on GPUs; same masks)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--mode", nargs="+", default=["overlay"], metavar="MODE",

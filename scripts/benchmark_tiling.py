@@ -37,6 +37,7 @@ def get_args_parser():
     parser.add_argument("--stride", type=int, default=None, help="largest stride (default: 7/8 of the tile)")
     parser.add_argument("--tile_batch", type=int, default=1, help="tiles per forward (default: %(default)s)")
     add_bool(parser, "--half", False, "float16 on a CUDA GPU")
+    add_bool(parser, "--channels_last", False, "as inference.py's --channels_last")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--output_dir", default="results", help="unused; accepted like every script's")
     return parser

@@ -107,3 +107,30 @@ def test_benchmark_tiling_prints_cost_and_agreement_of_each_setting(tmp_path, li
     for line in (default, former):
         agreement = float(line.split(" s, ")[1].split("%")[0])
         assert 0 < agreement <= 100  # untrained and 48 px tiles: little context, so no bound on the value
+
+
+def test_channels_last_inference_gives_the_same_logits_and_masks(tmp_path, lively_mobilenet_checkpoint):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    import inference
+    from utils.inference import load_network
+
+    networks = [load_network(SimpleNamespace(state_dict=str(lively_mobilenet_checkpoint), pruned_model=None,
+                                             use_pruned=False, allow_pickle=False, half=False, channels_last=flag),
+                             torch.device("cpu"))[0] for flag in (False, True)]
+    assert networks[1].backbone["0"][0].weight.is_contiguous(memory_format=torch.channels_last)
+    image = torch.randn(1, 3, 72, 96)
+    with torch.no_grad():
+        plain, fast = (models.forward_logits(network, image, data.NUM_CLASSES) for network in networks)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-5)  # another convolution algorithm: rounding only
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(photo)
+    masks = []
+    for flag in ("False", "True"):
+        out = tmp_path / flag
+        inference.main(["--state_dict", str(lively_mobilenet_checkpoint), "--image", str(photo), "--mode",
+                        "save_mask", "--channels_last", flag, "--device", "cpu", "--output_dir", str(out)])
+        masks.append(np.array(Image.open(next((out / "inference").glob("photo*_mask.png")))))
+    assert len(np.unique(masks[0])) > 1 and np.array_equal(masks[0], masks[1])

@@ -182,14 +182,16 @@ def display_plan(args):
 
 
 def load_network(args, device):
-    """The network in eval mode (aux head dropped), its metadata and its compute dtype."""
+    """The network as deployed (eval mode, aux head dropped, BatchNorm folded, channels-last weights with
+    --channels_last: activations follow the weights' layout), its metadata and its compute dtype."""
     if args.half and device.type != "cuda":
         raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half (float32 is used)")
     model, metadata = load_for_inference(args.state_dict, args.pruned_model, args.use_pruned, device,
                                          args.allow_pickle, "--state_dict")
     fold_batchnorm(strip_aux_head(model).eval())
     dtype = torch.float16 if args.half else torch.float32
-    return model.to(dtype), metadata, dtype
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return model.to(dtype, memory_format=memory_format), metadata, dtype
 
 
 def model_label(name, metadata):
