@@ -57,7 +57,7 @@ $PY benchmark.py "$RUN/best.pth" "$RESULTS/runs/demo_pruned/best.pth" --size 128
 step "9. pruning study: L2 magnitude and Taylor at 30% and 60%, each fine-tuned 1 epoch, scored and timed"
 $PY study.py --state_dict "$RUN/best.pth" --data "$DATA/train" --val_data "$DATA/val" --test_data "$DATA/test" \
     --importance_type Magnitude Taylor --p_value 2 --pruning_ratio 30 60 --iterative_steps 1 --finetune_epochs 1 \
-    --crop_size 96 --batch_size 8 --calib_batches 2 --measure_size 128 --latency_runs 3 --workers 2 \
+    --crop_size 96 --batch_size 8 --calib_batches 1 --measure_size 128 --latency_runs 3 --workers 2 \
     --name demo_study --overwrite --output_dir "$RESULTS"
 
 step "done"
