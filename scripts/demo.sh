@@ -10,17 +10,17 @@ RUN=$RESULTS/runs/demo
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 step() { printf '\n=== %s (%ss so far)\n' "$*" "$SECONDS"; }
 
-step "1. sample dataset (40 images of 128x128 px) in $DATA"
+step "1. sample dataset (60 images of 128x128 px) in $DATA"
 if [ -d "$DATA/train" ]; then
     echo "reusing $DATA (delete it to generate a new one)"
 else
-    $PY -m utils.synthetic "$DATA" --count 40 --size 128
+    $PY -m utils.synthetic "$DATA" --count 60 --size 128
 fi
 $PY -m utils.data check "$DATA/train"
 
 step "2. train DeepLabV3-ResNet101 from scratch on small crops (the demo run is replaced each time)"
-$PY train.py "$DATA/train" "$DATA/val" demo --init none --epochs 8 --batch_size 4 --crop_size 96 \
-    --optimizer adamw --lr 0.003 --workers 2 --overwrite --output_dir "$RESULTS"
+$PY train.py "$DATA/train" "$DATA/val" demo --init none --aux_loss False --loss ce_dice --epochs 12 \
+    --batch_size 8 --crop_size 96 --optimizer adamw --lr 0.001 --workers 2 --overwrite --output_dir "$RESULTS"
 
 step "3. evaluate it on the test split: an Excel report and one row in the comparison workbook"
 $PY test.py "$DATA/test" --weights "$RUN/best.pth" --save_predictions --overwrite --workers 2 \
