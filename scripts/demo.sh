@@ -19,7 +19,7 @@ fi
 $PY -m utils.data check "$DATA/train"
 
 step "2. train DeepLabV3-ResNet101 from scratch on small crops (the demo run is replaced each time)"
-$PY train.py "$DATA/train" "$DATA/val" demo --init none --aux_loss False --loss ce_dice --epochs 12 \
+$PY train.py "$DATA/train" "$DATA/val" demo --init none --aux_loss False --loss ce_dice --epochs 24 \
     --batch_size 8 --crop_size 96 --optimizer adamw --lr 0.001 --workers 2 --overwrite --output_dir "$RESULTS"
 
 step "3. evaluate it on the test split: an Excel report and one row in the comparison workbook"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils.cli import ArgumentParser, UserError
+from utils.cli import ArgumentParser, UserError, add_quiet, progress_enabled, set_quiet
 from utils.data import CLASS_NAMES, CRACK_ID, GRAY_DIR, IMAGE_DIR, RGB_DIR, encode_rgb_label
 
 MIN_SIZE = 32
@@ -269,7 +269,7 @@ def generate(out_dir, count, size, seed=0, splits=DEFAULT_SPLITS, progress=False
     counts = split_counts(count, splits)
     digits = max(3, len(str(count - 1)))
     handed_out = 0  # areal patches so far; patches cycle through AREAL_IDS
-    bar = tqdm(total=count, desc="generating", disable=not progress)
+    bar = tqdm(total=count, desc="generating", disable=not progress_enabled(progress))
     index = 0
     for name, number in counts.items():
         folders = [out / name / folder for folder in (IMAGE_DIR, GRAY_DIR, RGB_DIR)]
@@ -301,7 +301,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128,
                         help=f"image side in px, {MIN_SIZE} to {MAX_SIZE} (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
+    add_quiet(parser)
     args = parser.parse_args(argv)
+    set_quiet(args.quiet)
     counts = generate(args.out_dir, args.count, args.size, args.seed, progress=True)
     for name, number in counts.items():
         print(f"wrote {Path(args.out_dir) / name}: {number} image(s) of {args.size}x{args.size} px "
