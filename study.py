@@ -52,11 +52,6 @@ def get_args_parser():
     tuning.add_argument("--step_finetune_epochs", type=int, default=1,
                         help="fine-tuning epochs after each step of a schedule of several steps "
                              "(torchvision_pruning.py's --finetune_epochs) (default: %(default)s)")
-    tuning.add_argument("--distill_weight", type=float, default=0.0, metavar="W",
-                        help="add W x the KL divergence from the dense network's logits to the fine-tuning loss; "
-                             "0 = none (default: %(default)s)")
-    tuning.add_argument("--distill_temperature", type=float, default=2.0, metavar="T",
-                        help="softmax temperature of the distillation (default: %(default)s)")
     tuning.add_argument("--calib_batches", type=int, default=8,
                         help="batches whose loss gradients rank channels for Taylor (default: %(default)s)")
     tuning.add_argument("--calib_mode", default="eval", choices=("eval", "train"),

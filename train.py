@@ -53,11 +53,6 @@ def get_args_parser():
     setting(optim, "--optimizer", "", choices=OPTIMIZERS)
     setting(optim, "--weight_decay", "", type=float)
     setting(optim, "--loss", "ce, ce_weighted (class weights from the training labels), dice, ce_dice", choices=LOSSES)
-    setting(optim, "--distill_weight", "add W x the KL divergence from --teacher's logits to the loss (e.g. a "
-                                       "pruned student and its dense teacher); 0 = none", type=float, metavar="W")
-    setting(optim, "--distill_temperature", "softmax temperature of the distillation", type=float, metavar="T")
-    setting(optim, "--teacher", "dense network to distil from (default with --pruned_model: the network it was "
-                                "pruned from, when its checkpoint names an existing file)", metavar="T.pth")
     setting(optim, "--patience", "stop after this many epochs without a better val mIoU; 0 = never", type=int)
     setting(optim, "--amp", "mixed precision in --amp_dtype", type=str2bool)
     setting(optim, "--seed", "", type=int)
@@ -86,10 +81,6 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
-    if (args.distill_weight or 0) < 0 or (args.distill_temperature is not None and args.distill_temperature <= 0):
-        raise UserError("--distill_weight cannot be negative and --distill_temperature must be positive")
-    if args.teacher and not args.distill_weight:
-        raise UserError("--teacher is only used with --distill_weight W (W > 0); add it or drop --teacher")
     if args.workers < 0 or (args.patience or 0) < 0:
         raise UserError("--workers and --patience cannot be negative")
 

@@ -1,4 +1,4 @@
-"""study.py: the grid's rows, test.py's numbers, resuming after kill -9, refusals; sensitivity; distillation; the
+"""study.py: the grid's rows, test.py's numbers, resuming after kill -9, refusals; sensitivity; the
 training crop never larger than the images."""
 import copy
 import os
@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, assert_user_error, run_script
 from utils import data, model as models
 from utils.cli import UserError
-from utils.losses import DistillationLoss, SegmentationLoss
+from utils.losses import SegmentationLoss
 from utils.pruning import PruneData, prune_in_steps
 from utils.study import layers_outside, network_parts, variant_grid
 
@@ -133,30 +133,6 @@ def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):
                for name in changed)
     assert all(after[name].out_channels == before[name].out_channels for name in changed
                if not name.startswith("classifier.0."))
-
-
-def test_distillation_adds_the_teacher_divergence_and_trains_only_the_student():
-    torch.manual_seed(0)
-    teacher = torch.nn.Conv2d(3, data.NUM_CLASSES, 1)
-    student = copy.deepcopy(teacher)
-    images, target = torch.randn(2, 3, 8, 8), torch.randint(0, data.NUM_CLASSES, (2, 8, 8))
-    base = SegmentationLoss("ce")
-    loss = DistillationLoss(base, teacher, weight=1.0, temperature=2.0)
-    assert loss(student(images), target, images).item() == pytest.approx(base(student(images), target).item(),
-                                                                           abs=1e-5)
-    torch.nn.init.normal_(student.weight)
-    distilled = loss(student(images), target, images)
-    assert distilled.item() > base(student(images), target).item() + 1e-3
-    distilled.backward()
-    assert student.weight.grad is not None and teacher.weight.grad is None
-    with pytest.raises(UserError):
-        DistillationLoss(base, teacher, weight=0)
-
-
-def test_train_py_distillation_without_a_teacher_is_one_line(dataset_dir, tmp_path):
-    result = run_script("train.py", dataset_dir / "train", dataset_dir / "val", "run", "--distill_weight", "1",
-                        "--init", "none", "--output_dir", tmp_path)
-    assert_user_error(result, "--teacher")
 
 
 def test_training_crop_never_exceeds_the_smallest_image(dataset_dir, capsys):

@@ -15,7 +15,6 @@ from tqdm import tqdm
 from utils.cli import UserError, progress_enabled
 from utils.data import CRACK_ID, IGNORE_INDEX
 from utils.distributed import unwrap
-from utils.losses import DistillationLoss
 from utils.metrics import ConfusionMatrix, ToleranceAccumulator, image_scores
 from utils.model import forward_logits, sliding_window_logits
 from utils.timing import synchronize
@@ -71,9 +70,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch, schedule
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast(device, amp, amp_dtype):
-            output = model(images)  # a DistillationLoss also shows the images to its teacher
-            loss = criterion(output, masks, images) if isinstance(criterion, DistillationLoss) else \
-                criterion(output, masks)
+            loss = criterion(model(images), masks)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -57,39 +57,3 @@ class SegmentationLoss(nn.Module):
         if output.get("aux") is not None:
             loss = loss + AUX_WEIGHT * self.single(output["aux"], target)
         return loss
-
-
-def _main_logits(output):
-    return output["out"] if isinstance(output, dict) else output
-
-
-class DistillationLoss(nn.Module):
-    """The usual loss plus `weight` x temperature-scaled KL divergence from a frozen teacher's logits (Hinton et
-    al.), over the labelled pixels: a pruned network fine-tuned towards what its dense original predicted.
-
-    Called as criterion(output, target, images): the teacher sees the same images, in eval mode, without gradients.
-    """
-
-    def __init__(self, criterion, teacher, weight, temperature=2.0):
-        super().__init__()
-        if weight <= 0 or temperature <= 0:
-            raise UserError(f"--distill_weight and --distill_temperature must be positive, got {weight} and "
-                            f"{temperature}")
-        self.criterion, self.teacher = criterion, teacher.eval()
-        self.weight, self.temperature = float(weight), float(temperature)
-        for parameter in self.teacher.parameters():
-            parameter.requires_grad_(False)
-
-    def distillation(self, student, images, target):
-        with torch.no_grad():
-            teacher = _main_logits(self.teacher.eval()(images))[:, :student.shape[1]].float()
-        if teacher.shape[-2:] != student.shape[-2:]:
-            teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
-        scale = self.temperature
-        divergence = F.kl_div(F.log_softmax(student.float() / scale, dim=1), F.log_softmax(teacher / scale, dim=1),
-                              reduction="none", log_target=True).sum(dim=1)
-        valid = F.interpolate((target != IGNORE_INDEX)[:, None].float(), size=student.shape[-2:], mode="nearest")[:, 0]
-        return scale**2 * (divergence * valid).sum() / valid.sum().clamp(min=1)
-
-    def forward(self, output, target, images):
-        return self.criterion(output, target) + self.weight * self.distillation(_main_logits(output), images, target)

@@ -122,7 +122,6 @@ class PruneData:
     criterion: torch.nn.Module | None = None
     calibration: object = None
     val_loader: torch.utils.data.DataLoader | None = None
-    finetune_criterion: torch.nn.Module | None = None
 
 
 def prepare_data(args, context):
@@ -147,15 +146,13 @@ def validation_miou(model, prepared, device):
 
 
 def finetune(model, prepared, args, context, epochs, seed, on_epoch=None):
-    """`epochs` of train.py's loop, optimiser and poly schedule on --data (with prepared.finetune_criterion, e.g.
-    a distillation loss, when set); a fresh optimiser because a pruning step replaces every parameter.
-    on_epoch(epoch) after each epoch."""
+    """`epochs` of train.py's loop, optimiser and poly schedule on --data; a fresh optimiser because a pruning
+    step replaces every parameter. on_epoch(epoch) after each epoch."""
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     loader = train_loader(prepared.train_set, args.batch_size, args.workers, seed, context)
     scheduler = poly_scheduler(optimizer, epochs * len(loader))
     for epoch in range(1, epochs + 1):
-        train_one_epoch(model, loader, prepared.finetune_criterion or prepared.criterion, optimizer, context.device,
-                        epoch, scheduler)
+        train_one_epoch(model, loader, prepared.criterion, optimizer, context.device, epoch, scheduler)
         if on_epoch is not None:
             on_epoch(epoch)
 

@@ -29,7 +29,6 @@ from utils.deploy import prepare_variant, time_variants
 from utils.distributed import DistContext
 from utils.evaluation import collect_metrics, evaluate_split
 from utils.files import refuse_existing, replace_atomically
-from utils.losses import DistillationLoss
 from utils.prune_ops import USES_P_VALUE, importance_name, ratio_fraction
 from utils.pruning import finetune, load_for_pruning, prepare_data, prune_in_steps, validation_miou
 from utils.recipe import seed_everything
@@ -41,7 +40,7 @@ OUTPUT_FILES = ("study.json", "study.csv", "study.xlsx", "study.png", "sensitivi
 SETTINGS = ("state_dict", "data", "val_data", "test_data", "importance_type", "p_value", "pruning_ratio",
             "iterative_steps", "global_pruning", "round_to", "finetune_epochs", "step_finetune_epochs",
             "calib_batches", "calib_mode", "batch_size", "crop_size", "lr", "optimizer", "weight_decay", "loss",
-            "distill_weight", "distill_temperature", "measure_size", "lt_tolerance", "seed")
+            "measure_size", "lt_tolerance", "seed")
 PATH_SETTINGS = ("state_dict", "data", "val_data", "test_data")
 
 
@@ -95,8 +94,8 @@ def check_args(args):
         raise UserError("--importance_type Taylor needs --data TRAIN_DIR: its ranking uses gradients of the real "
                         "loss on training images")
     tuning = args.finetune_epochs > 0 or (args.step_finetune_epochs > 0 and max(args.iterative_steps) > 1)
-    if (tuning or args.distill_weight) and not args.data:
-        raise UserError("fine-tuning (--finetune_epochs, --step_finetune_epochs, --distill_weight) needs "
+    if tuning and not args.data:
+        raise UserError("fine-tuning (--finetune_epochs, --step_finetune_epochs) needs "
                         "--data TRAIN_DIR; pass --finetune_epochs 0 --step_finetune_epochs 0 to compare untuned")
     if args.finetune_epochs > 0 and not args.val_data:
         raise UserError("--finetune_epochs keeps the best epoch by val mIoU and needs --val_data VAL_DIR")
@@ -111,8 +110,8 @@ def check_args(args):
             raise UserError(f"--{option} must be at least {lowest}, got {getattr(args, option)}")
     if args.batch_size < 2 and args.data:
         raise UserError(f"--batch_size must be at least 2 for BatchNorm in train mode, got {args.batch_size}")
-    if args.lr <= 0 or args.distill_weight < 0 or args.distill_temperature <= 0:
-        raise UserError("--lr and --distill_temperature must be positive and --distill_weight not negative")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
     args.device = str(resolve_device(args.device))
     return grid
 
@@ -294,7 +293,7 @@ def dense_row(study):
 
 
 def set_up(args):
-    """The study's folder, manifest, data, dense network and (with --distill_weight) its teacher."""
+    """The study's folder, manifest, data and dense network."""
     folder = Path(args.output_dir) / "studies" / plain_name(args.name, "--name")
     manifest = open_study(folder, study_settings(args), args.overwrite)
     folder.mkdir(parents=True, exist_ok=True)
@@ -304,10 +303,6 @@ def set_up(args):
     dense, arch, history, source = load_for_pruning(args.state_dict, allow_pickle=args.allow_pickle)
     dense.to(context.device)
     prepared = prepare_data(args, context)
-    if args.distill_weight:
-        teacher = models.strip_aux_head(copy.deepcopy(dense))
-        prepared.finetune_criterion = DistillationLoss(prepared.criterion, teacher, args.distill_weight,
-                                                       args.distill_temperature).to(context.device)
     study = Study(args, folder, manifest, context, prepared, dense, arch, history, source)
     if args.test_data:
         study.test_set = data.S2DSDataset(args.test_data, data.EvalTransform(), require_labels=True)

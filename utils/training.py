@@ -18,7 +18,6 @@ from utils.cli import UserError, plain_name, require_path
 from utils.distributed import broadcast_object, cleanup, init_distributed
 from utils.engine import amp_dtype, evaluate, train_one_epoch
 from utils.files import replace_atomically
-from utils.losses import DistillationLoss
 from utils.metrics import per_class_metrics, summary_metrics
 from utils.prune_ops import slice_extra_outputs
 from utils.recipe import build_optimizer, eval_loader, make_criterion, poly_scheduler, seed_everything, train_loader
@@ -65,7 +64,6 @@ RUN_DEFAULTS = {
     "pruned_model": None, "train_pruned_fully": True, "load_pretrained_weights": None, "epochs": 30,
     "batch_size": 4, "crop_size": 512, "eval_size": None, "lr": 0.01, "optimizer": "sgd", "weight_decay": 1e-4,
     "loss": "ce_weighted", "patience": 0, "amp": False, "seed": 42, "deterministic": False,
-    "distill_weight": 0.0, "distill_temperature": 2.0, "teacher": None,
 }
 """The settings that make a run what it is. train.py leaves the ones not given as None: a new run takes these
 defaults, a resumed run its own saved values (so it never needs the COCO weights its last.pth replaces)."""
@@ -216,7 +214,7 @@ def _set_up(args, context, resumed=None):
     train_set = data.training_set(args.train_dir, args.crop_size)
     val_set = data.S2DSDataset(args.val_dir, data.EvalTransform(args.eval_size))
     model, arch, pruning = _build_model(args, resumed)
-    criterion = _with_teacher(make_criterion(args.loss, train_set, context.is_main), args, context).to(device)
+    criterion = make_criterion(args.loss, train_set, context.is_main).to(device)
     model.to(device)
     _speed_options(model, args)
     if context.enabled:
@@ -254,29 +252,6 @@ def _mixed_precision(args, device):
     if args.amp and dtype == torch.float16 and device.type != "cuda":
         raise UserError("--amp_dtype float16 needs a CUDA GPU; on the CPU use bfloat16 (or auto)")
     return dtype, torch.amp.GradScaler("cuda") if args.amp and dtype == torch.float16 else None
-
-
-def _teacher_path(args):
-    """--teacher, or the dense network --pruned_model was pruned from (its checkpoint names it), or a UserError."""
-    if args.teacher:
-        return args.teacher
-    source = read_checkpoint(args.pruned_model).get("source") if args.pruned_model else None
-    if not (isinstance(source, str) and os.path.isfile(source)):
-        raise UserError("--distill_weight needs a teacher: pass --teacher T.pth (the dense network the student "
-                        "should imitate)")
-    return source
-
-
-def _with_teacher(criterion, args, context):
-    """The loss, plus distillation from --teacher's logits when --distill_weight is given."""
-    if not args.distill_weight:
-        return criterion
-    path = _teacher_path(args)
-    teacher, _ = load_model(path, allow_pickle=args.allow_pickle)
-    if context.is_main:
-        print(f"distilling from {path} (weight {args.distill_weight:g}, temperature {args.distill_temperature:g})",
-              flush=True)
-    return DistillationLoss(criterion, models.strip_aux_head(teacher), args.distill_weight, args.distill_temperature)
 
 
 def _read_last(run_dir):
