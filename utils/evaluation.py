@@ -242,7 +242,7 @@ def write_reports(outputs, name, summary, per_class, per_image, counts, normalis
     plot_confusion(normalised.to_numpy(), data.CLASS_NAMES, outputs.confusion_png, title=f"{name}: confusion matrix")
 
 
-def comparison_row(args, metadata, facts, input_size, device, result, scores, lt):
+def comparison_row(args, metadata, facts, device, result, scores, lt):
     """One line of results/model_test_results.xlsx, so pruned variants sit side by side."""
     row = {"name": args.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "checkpoint": _absolute(metadata.get("weights_path", metadata["path"])),
@@ -359,8 +359,8 @@ def run(args):
         release(outputs.workbook)  # and no empty workbook that would block the same command
         raise
     try:
-        runs = append_results_row(outputs.comparison, comparison_row(args, metadata, facts, input_size, device,
-                                                                     result, scores, lt), COMPARISON_PERCENT)
+        runs = append_results_row(outputs.comparison, comparison_row(args, metadata, facts, device, result,
+                                                                     scores, lt), COMPARISON_PERCENT)
     except UserError as error:
         raise UserError(f"{error} ({outputs.workbook} was written; rerun with --overwrite to add its row)") from None
     print(format_summary(summary, per_class))
