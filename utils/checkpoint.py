@@ -102,6 +102,9 @@ def read_checkpoint(path, allow_pickle=False):
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if path.lower().endswith(".onnx"):
+        raise UserError(f"{path} is an ONNX graph, not a PyTorch checkpoint: pass the .pth it was exported from "
+                        f"(test.py --weights and benchmark.py take .onnx files)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
