@@ -5,10 +5,12 @@ status 2, while unexpected errors keep their traceback.
 """
 import argparse
 import errno
+import gc
 import os
 import platform
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,10 +86,12 @@ def run_main(main, argv=None):
     the way, an image too large, memory), becomes one stderr line and exit status 2."""
     try:
         main(argv)
-    except (UserError, OSError, MemoryError, Image.DecompressionBombError, RuntimeError) as error:
+    except Exception as error:  # environment_message tells the machine's failures from programming errors
         message = environment_message(error)
         if message is None:
             raise
+        with quiet_close_failures():
+            forget_frames(error)
         _close_progress_bars()
         prog = os.path.basename(sys.argv[0]) or "cracksense"
         print(f"{prog}: error: {message}", file=sys.stderr)
@@ -107,7 +111,15 @@ _OS_HINTS = {
     errno.ENOTDIR: "a file stands where a folder is needed; move it or choose another path",
     errno.EISDIR: "a folder stands where a file is needed; move it or choose another path",
     errno.ENAMETOOLONG: "the name is too long; choose a shorter one",
+    errno.EIO: "input/output error (a failing disk or a lost network mount); check the disk and run the same "
+               "command again",
+    errno.EAGAIN: "the system refused more processes or threads; lower --workers",
 }
+# Failures of the storage itself: however a library reports them, they are the machine's, never a bug.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+# torch.save reports a failed write as a RuntimeError of its zip writer, without the errno.
+_TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter failed|unexpected pos \d+ vs \d+|file write failed",
+                                 re.IGNORECASE)
 # Messages of a RuntimeError that is a failed memory allocation (the CPU allocator raises plain RuntimeError).
 _OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory|DefaultCPUAllocator",
                             re.IGNORECASE)
@@ -123,11 +135,60 @@ def environment_message(error):
     if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error))):
         return ("out of memory (" + (_last_line(str(error))[:120] or "MemoryError") + "); lower the image, "
                 "evaluation or batch size")
+    error = _storage_error(error) or error  # e.g. a DataLoader's or a library's error raised from a full disk
+    if isinstance(error, RuntimeError) and _TORCH_WRITE_FAILED.search(str(error)):
+        return (f"writing a checkpoint failed ({_last_line(str(error))[:80]}); check free space and permissions "
+                f"and run the same command again")
     if isinstance(error, OSError):
         where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
         cause = _OS_HINTS.get(error.errno, error.strerror or _last_line(str(error)))
         return f"{where}: {cause}" if where else cause
     return None
+
+
+def _storage_error(error):
+    """The OSError with ENOSPC, EDQUOT or EIO that `error` is, or came from (its cause or context), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def storage_errno(error):
+    """ENOSPC, EDQUOT or EIO when `error` or an error it came from is one, else None."""
+    found = _storage_error(error)
+    return None if found is None else found.errno
+
+
+def forget_frames(error):
+    """Drop the tracebacks of `error` and the errors it came from, and collect: a writer that failed may hold a
+    file open in its frames (openpyxl's ZipFile), which is closed now, inside quiet_close_failures."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    gc.collect()
+
+
+@contextmanager
+def quiet_close_failures():
+    """Closing a file a failed writer left open fails again on the full disk; that says nothing new, so it is not
+    printed ("Exception ignored in: ZipFile.__del__"): OSErrors of finalisers are dropped meanwhile."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, OSError):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = default
 
 
 def _close_progress_bars():

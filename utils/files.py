@@ -5,7 +5,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from utils.cli import UserError
+from utils.cli import UserError, forget_frames, quiet_close_failures, storage_errno
 
 
 TEMPORARY_PREFIX = ".tmp_"
@@ -70,16 +70,60 @@ def _file_mode(path):
 
 
 def replace_atomically(path, write):
-    """Call write(temporary_path), then move it over `path`; on failure the old file is untouched."""
+    """Call write(temporary_path), then move it over `path`; on failure the old file is untouched and the temporary
+    removed. A full disk, used-up quota or I/O error is raised as an OSError naming `path`, however the library
+    reported it (torch.save: a RuntimeError; openpyxl, PIL, ONNX: an OSError without the file's name)."""
     refuse_read_only(path)
     temporary = _temporary_beside(path, os.path.splitext(path)[1])
+    try:
+        with quiet_close_failures():
+            fault = _write(write, temporary, path)
+        if fault is not None:
+            raise fault
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _write(write, temporary, path):
+    """Write and move into place: None when done, or the OSError naming `path` to raise for a failure of the
+    storage (or an OSError about the temporary file); anything else propagates with its traceback."""
     try:
         write(temporary)
         os.chmod(temporary, _file_mode(path))
         os.replace(temporary, path)
+        return None
+    except Exception as error:
+        code = storage_errno(error) or _disk_fault(os.path.dirname(os.path.abspath(path)))
+        about_temporary = isinstance(error, OSError) and error.filename in (None, temporary)
+        if code is None and not (about_temporary and error.errno):
+            raise
+        code = code or error.errno
+        forget_frames(error)
+        return OSError(code, os.strerror(code), path)
+
+
+PROBE_BYTES = 64 * 1024
+
+
+def _disk_fault(folder):
+    """ENOSPC, EDQUOT or EIO when writing into `folder` fails now (a library that reports a failed write without
+    its errno, such as torch.save, is diagnosed with this small probe write), else None."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}_probe_", dir=folder)
+        os.close(handle)
+    except OSError as error:
+        return storage_errno(error)
+    try:
+        with open(probe, "wb") as stream:
+            stream.write(b"\0" * PROBE_BYTES)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as error:
+        return storage_errno(error)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        os.remove(probe)
+    return None
 
 
 def _taken(path):
