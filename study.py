@@ -14,7 +14,7 @@ resume after an interruption: finished variants are kept. Other arguments under 
 """
 import argparse
 
-from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main
+from utils.cli import ArgumentParser, add_bool, add_quiet, cap_workers, check_batch_memory, run_main, script_main
 from utils.losses import LOSSES
 from utils.prune_ops import IMPORTANCES
 from utils.recipe import OPTIMIZERS
@@ -84,7 +84,14 @@ def get_args_parser():
     return parser
 
 
-main = script_main(get_args_parser, run, check_args)
+def check(args):
+    """utils.study's checks, then the resource rules every script shares (utils.cli)."""
+    check_args(args)
+    args.workers = cap_workers(args.workers)
+    check_batch_memory(args.batch_size, args.crop_size, "--batch_size x --crop_size")
+
+
+main = script_main(get_args_parser, run, check)
 
 
 if __name__ == "__main__":

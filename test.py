@@ -12,7 +12,8 @@ row to OUTPUT_DIR/model_test_results.xlsx so variants (e.g. pruned ones) sit sid
 import argparse
 
 from utils.checkpoint import check_model_options
-from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, run_main, script_main
+from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, run_main,
+                       script_main)
 from utils.evaluation import run
 
 
@@ -80,6 +81,8 @@ def check_args(args):
     for option in ("workers", "boundary_ignore", "lt_tolerance"):
         if getattr(args, option) < 0:
             raise UserError(f"--{option} cannot be negative, got {getattr(args, option)}")
+    args.workers = cap_workers(args.workers)
+    check_batch_memory(args.tile_batch, args.tile, "--tile_batch x --tile")
 
 
 main = script_main(get_args_parser, run, check_args)

@@ -13,7 +13,8 @@ and NAME_steps.csv (per step: ratio, MACs, params, val mIoU, seconds).
 """
 import argparse
 
-from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, plain_name, resolve_device, run_main, script_main
+from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, plain_name,
+                       resolve_device, run_main, script_main)
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS
 from utils.prune_ops import IMPORTANCES
@@ -115,6 +116,8 @@ def check_args(args):
                            ("finetune_epochs", 0), ("latency_runs", 0), ("workers", 0)):
         if getattr(args, option) < lowest:
             raise UserError(f"--{option} must be at least {lowest}, got {getattr(args, option)}")
+    args.workers = cap_workers(args.workers)
+    check_batch_memory(args.batch_size, args.crop_size, "--batch_size x --crop_size")
     if args.round_to is not None and args.round_to < 1:
         raise UserError(f"--round_to must be a positive number of channels, got {args.round_to}")
     if args.lr <= 0:

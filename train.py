@@ -7,7 +7,8 @@ Writes results/runs/RUN_NAME/: last.pth, best.pth, metrics.csv, curves.png, args
 """
 import argparse
 
-from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, run_main, script_main, str2bool
+from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, run_main,
+                       script_main, str2bool)
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS
 from utils.recipe import OPTIMIZERS
@@ -83,6 +84,8 @@ def check_args(args):
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0 or (args.patience or 0) < 0:
         raise UserError("--workers and --patience cannot be negative")
+    args.workers = cap_workers(args.workers)
+    check_batch_memory(args.batch_size, args.crop_size, "--batch_size x --crop_size")
 
 
 main = script_main(get_args_parser, run, check_args)
