@@ -228,6 +228,42 @@ def resolve_device(name):
     return device
 
 
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share), shared among the
+    processes torchrun starts on this machine."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def cap_workers(requested, option="--workers"):
+    """The one rule for data-loading processes: more than the usable CPUs only adds memory and start-up time (and
+    at some hundreds the system refuses to start them), so the count is capped there with a one-line note."""
+    limit = usable_cpus()
+    if requested <= limit:
+        return requested
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {option} {requested} is more than the {limit} CPU(s) this process may use; using {limit}")
+    return limit
+
+
+def check_batch_memory(images, side, options):
+    """Refuse, before any work, a batch of `images` inputs of side x side px whose float32 tensor alone is larger
+    than this machine's memory (a lower bound: the network needs several times more)."""
+    if not images or not side:
+        return
+    needed = images * 3 * side * side * 4
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if needed > memory:
+        raise UserError(f"{options} ({images} x {side}x{side} px) needs {needed / 2**30:,.0f} GiB for the input "
+                        f"batch alone, more than this machine's {memory / 2**30:,.0f} GiB of memory; lower them")
+
+
 def percent_or_fraction_hint(value):
     """Shared text for options whose unit is percent."""
     return f"{value} looks like a fraction; the unit is percent (e.g. 50 for half)"
