@@ -162,3 +162,35 @@ def release(path):
     """Remove a reservation that is still empty (its run failed), so the same command can run again."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         os.remove(path)
+
+
+_held_locks = {}
+
+
+def hold_folder_lock(folder, busy_message):
+    """Claim `folder` for this process until it ends (an exclusive flock on the folder itself, POSIX), so a second
+    run into the same folder is refused with `busy_message` while the first runs. No lock file is written; the
+    kernel drops the lock when its process dies, so a killed run's folder is free at once. A path that is a file
+    is left to the caller's own check."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: unguarded
+        return
+    key = os.path.realpath(folder)
+    if key in _held_locks or (os.path.exists(folder) and not os.path.isdir(folder)):
+        return
+    os.makedirs(folder, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise UserError(busy_message) from None
+    _held_locks[key] = handle
+
+
+def release_folder_locks():
+    """Give back every folder this process claimed (a run that ended, so the next one in this process, or another
+    process, may use the folder)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])

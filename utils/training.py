@@ -17,7 +17,7 @@ from utils.checkpoint import (build_from_checkpoint, for_deployment, load_model,
 from utils.cli import UserError, plain_name, require_path
 from utils.distributed import broadcast_object, cleanup, init_distributed
 from utils.engine import amp_dtype, evaluate, train_one_epoch
-from utils.files import replace_atomically
+from utils.files import hold_folder_lock, release_folder_locks, replace_atomically
 from utils.metrics import per_class_metrics, summary_metrics
 from utils.prune_ops import slice_extra_outputs
 from utils.recipe import build_optimizer, eval_loader, make_criterion, poly_scheduler, seed_everything, train_loader
@@ -171,6 +171,7 @@ def run(args):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--compile failed on this machine ({reason[:200]}); drop --compile") from None
     finally:
+        release_folder_locks()
         cleanup(context)
 
 
@@ -203,6 +204,8 @@ def _set_up_run_dir(args, context):
     require_path(args.val_dir, "validation folder", "dir")
     run_dir = os.path.join(args.output_dir, "runs", plain_name(args.run_name, "RUN_NAME"))
     if context.is_main:
+        hold_folder_lock(run_dir, f"{run_dir} is in use by another train.py that is still running; wait for it to "
+                                  f"finish or choose another RUN_NAME")
         _prepare_run_dir(run_dir, args.resume, args.overwrite)
     broadcast_object(None, context)
     return run_dir
