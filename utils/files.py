@@ -168,7 +168,7 @@ _held_locks = {}
 
 
 def hold_folder_lock(folder, busy_message):
-    """Claim `folder` for this process until it ends (an exclusive flock on the folder itself, POSIX), so a second
+    """Claim `folder` for this process until release_folder_locks or its end (an exclusive flock on the folder itself, POSIX), so a second
     run into the same folder is refused with `busy_message` while the first runs. No lock file is written; the
     kernel drops the lock when its process dies, so a killed run's folder is free at once. A path that is a file
     is left to the caller's own check."""
@@ -193,4 +193,8 @@ def release_folder_locks():
     """Give back every folder this process claimed (a run that ended, so the next one in this process, or another
     process, may use the folder)."""
     while _held_locks:
-        os.close(_held_locks.popitem()[1])
+        import fcntl  # only POSIX ever holds one
+
+        handle = _held_locks.popitem()[1]
+        fcntl.flock(handle, fcntl.LOCK_UN)  # also for DataLoader workers forked meanwhile, which share the lock
+        os.close(handle)
