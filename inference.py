@@ -11,7 +11,8 @@ Photos whose longer side exceeds --max_size are predicted in overlapping tiles, 
 photo runs on a CPU or a Jetson. Outputs: OUTPUT_DIR/inference/<stem>_<name>_<mode>.png, and for save_mask
 <stem>_<name>_mask.png and <stem>_<name>_mask_rgb.png, where <name> is --name or comes from the weights file
 (runs/demo/best.pth -> demo_best), so two models never write over each other's outputs; a rerun of the same
-model replaces them (and says so), an input is never written over.
+model replaces them (and says so), an input is never written over, and an --output_dir whose inference/ folder
+is (or is inside) a folder --image reads is refused: the next run would read its own outputs as photos.
 """
 import argparse
 

@@ -14,7 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.checkpoint import check_model_options, load_for_inference
-from utils.cli import UserError, default_name, plain_name, progress_enabled, require_path, resolve_device
+from utils.cli import (UserError, check_batch_memory, default_name, plain_name, progress_enabled, require_path,
+                       resolve_device)
 from utils.data import IMAGE_EXTENSIONS, encode_rgb_label, image_size, image_to_tensor, list_images, read_image
 from utils.model import fold_batchnorm, forward_logits, sliding_window_logits, strip_aux_head, tile_cost
 from utils.files import replace_atomically
@@ -105,6 +106,28 @@ def plan_outputs(images, output_dir, modes, write_figures, name):
     return plans
 
 
+def scanned_folders(spec, images):
+    """The folders --image reads as a whole: the folder itself, or each matched file's folder for a pattern; none
+    for a single photo (only that file is read)."""
+    path = Path(spec)
+    if path.is_dir():
+        return [path]
+    if path.is_file():
+        return []
+    return sorted({image.parent for image in images})
+
+
+def refuse_output_inside_input(folders, output_folder):
+    """Outputs written into a folder that --image reads (or below it) would be read as photos by the next run of
+    the same command, so such an output folder is refused before any work."""
+    target = Path(output_folder).resolve()
+    for folder in folders:
+        if target == folder.resolve() or folder.resolve() in target.parents:
+            raise UserError(f"the output folder {output_folder} is inside the input folder {folder}: the next run "
+                            f"would read its own masks and figures as photos; choose an --output_dir outside "
+                            f"{folder}")
+
+
 def check_images(images):
     """Read every header before loading the model, so a bad file stops the run before any work."""
     return [image_size(path, upright=True) for path in images]
@@ -156,6 +179,7 @@ def check_args(args):
     """Value checks argparse cannot do; each failure is one line and exit status 2."""
     args.mode = parse_modes(args.mode)
     check_model_options(args.state_dict, args.pruned_model, args.use_pruned, "--state_dict")
+    check_batch_memory(args.tile_batch, args.tile, "--tile_batch x --tile")
     if args.tile is not None and args.tile < 32:
         raise UserError(f"--tile must be at least 32 px, got {args.tile}")
     if args.stride is not None and not 0 < args.stride <= (args.tile or DEFAULT_TILE):
@@ -244,6 +268,7 @@ def run(args):
     name = model_name(args)
     images = find_images(args.image)
     plans = plan_outputs(images, args.output_dir, args.mode, args.save_figure, name)
+    refuse_output_inside_input(scanned_folders(args.image, images), Path(args.output_dir) / OUTPUT_FOLDER)
     sizes = check_images(images)
     show = display_plan(args)
     device = resolve_device(args.device)
