@@ -7,10 +7,10 @@ Writes results/runs/RUN_NAME/: last.pth, best.pth, metrics.csv, curves.png, args
 """
 import argparse
 
-from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, run_main,
-                       script_main, str2bool)
+from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, bool_or_auto, cap_workers, check_batch_memory,
+                       run_main, script_main, str2bool)
 from utils.losses import LOSSES
-from utils.model import ARCHS, INITS
+from utils.model import ARCHS, INITS, OUTPUT_STRIDES
 from utils.recipe import OPTIMIZERS
 from utils.training import RUN_DEFAULTS, run
 
@@ -18,8 +18,8 @@ from utils.training import RUN_DEFAULTS, run
 def setting(group, name, help, **kwargs):
     """A run setting: None when not given, so that a new run takes RUN_DEFAULTS and a resumed run its own value
     (utils.training.settle_settings); booleans take True/False/yes/no/1/0, a bare flag meaning True."""
-    if kwargs.get("type") is str2bool:
-        kwargs.update(nargs="?", const=True, metavar="BOOL")
+    if kwargs.get("type") in (str2bool, bool_or_auto):
+        kwargs.update(nargs="?", const=True, metavar="BOOL" if kwargs["type"] is str2bool else "auto|BOOL")
     default = RUN_DEFAULTS[name.lstrip("-")]
     group.add_argument(name, default=None, help=f"{help} (default: {default})".lstrip(" "), **kwargs)
 
@@ -35,6 +35,9 @@ def get_args_parser():
     setting(model, "--arch", "network", choices=list(ARCHS))
     setting(model, "--init", "coco: torchvision's COCO-with-VOC-labels weights, head replaced; imagenet: backbone "
                              "only; none: random", choices=INITS)
+    setting(model, "--output_stride", "DeepLabV3-ResNet: 16 (layer4 dilated, ASPP rates 6/12/18) trains about "
+                                      "twice as fast as 8 (layer3 and layer4 dilated, 12/24/36); the checkpoint "
+                                      "records it (None: the weights' own, else 8)", type=int, choices=OUTPUT_STRIDES)
     setting(model, "--aux_loss", "train the auxiliary FCN head too (weight 0.5; DeepLabV3 only)", type=str2bool)
     setting(model, "--keep_feature_extract", "freeze everything but the new classifier head", type=str2bool)
     setting(model, "--pruned_model", "fine-tune this pruned network instead of --arch", metavar="P.pth")
@@ -45,17 +48,31 @@ def get_args_parser():
     add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
 
     optim = parser.add_argument_group("optimisation (a --resume run keeps its own; only --epochs may change)")
-    setting(optim, "--epochs", "", type=int)
+    setting(optim, "--epochs", "passes over the training split", type=int)
+    setting(optim, "--steps", "optimisation steps instead of --epochs (rounded up to whole epochs)", type=int)
+    setting(optim, "--max_minutes", "time budget from the start: after epoch 1 (and after each validation) the "
+                                    "run sizes its epochs and its poly schedule to end within it; replaces --epochs",
+            type=float)
+    setting(optim, "--val_every", "validate (and save last.pth/best.pth) after epoch 1, every N-th epoch and the "
+                                  "last", type=int)
     setting(optim, "--batch_size", "images per step per process", type=int)
     setting(optim, "--crop_size", "random crop side in px", type=int)
+    setting(optim, "--scale_range", "random rescale factors of a training image before cropping",
+            type=float, nargs=2, metavar=("LOW", "HIGH"))
+    setting(optim, "--cat_max_ratio", "redraw a crop (up to 10 times) while one class covers more than this "
+                                      "fraction of it, so rare classes are seen (mmsegmentation's rule; None: off)",
+            type=float)
     setting(optim, "--eval_size", "validation images resized to this shorter side (None: native resolution)",
             type=int)
     setting(optim, "--lr", "initial learning rate, poly decay", type=float)
     setting(optim, "--optimizer", "", choices=OPTIMIZERS)
     setting(optim, "--weight_decay", "", type=float)
     setting(optim, "--loss", "ce, ce_weighted (class weights from the training labels), dice, ce_dice", choices=LOSSES)
+    setting(optim, "--skeleton_recall", "weight of the skeleton recall loss on the crack class (the share of the "
+                                        "labelled cracks' centre lines the prediction covers); 0: off", type=float)
     setting(optim, "--patience", "stop after this many epochs without a better val mIoU; 0 = never", type=int)
-    setting(optim, "--amp", "mixed precision in --amp_dtype", type=str2bool)
+    setting(optim, "--amp", "mixed precision in --amp_dtype; auto: on for GPUs and for CPUs with bfloat16 "
+                            "kernels (AVX-512/AMX), off where bfloat16 is emulated", type=bool_or_auto)
     setting(optim, "--seed", "", type=int)
     setting(optim, "--deterministic", "deterministic algorithms (slower)", type=str2bool)
 
@@ -77,11 +94,15 @@ def get_args_parser():
 
 def check_args(args):
     """Value checks argparse cannot do; each failure is one line and exit status 2."""
-    for name in ("epochs", "batch_size", "crop_size"):
+    for name in ("epochs", "batch_size", "crop_size", "steps", "val_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise UserError(f"--max_minutes must be positive, got {args.max_minutes:g}")
+    if args.steps is not None and args.max_minutes is not None:
+        raise UserError("--steps and --max_minutes both size the run; give one")
     if args.workers < 0 or (args.patience or 0) < 0:
         raise UserError("--workers and --patience cannot be negative")
     args.workers = cap_workers(args.workers)

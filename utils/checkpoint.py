@@ -13,7 +13,7 @@ from utils.cli import UserError
 from utils.data import CLASS_NAMES, NUM_CLASSES
 from utils.distributed import unwrap
 from utils.files import refuse_existing, replace_atomically
-from utils.model import ARCHS, build, has_aux
+from utils.model import ARCHS, build, has_aux, output_stride, set_output_stride
 from utils.prune_ops import replay_pruning_history
 
 FORMAT = "cracksense-checkpoint"
@@ -45,6 +45,7 @@ def make_checkpoint(model, arch, num_classes=NUM_CLASSES, pruning=None, **extra)
         "num_outputs": num_classes,
         "classes": list(CLASS_NAMES[:num_classes]),
         "aux_loss": getattr(model, "aux_classifier", None) is not None,
+        "output_stride": output_stride(model),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     if pruning is not None:
@@ -194,7 +195,8 @@ def require_resume_state(checkpoint, path):
 def build_from_checkpoint(checkpoint):
     """A network of the checkpoint's architecture (pruned if it says so), without its weights loaded."""
     model = build(checkpoint["arch"], checkpoint["num_outputs"], init="none",
-                  aux_loss=checkpoint.get("aux_loss", has_aux(checkpoint["arch"])))
+                  aux_loss=checkpoint.get("aux_loss", has_aux(checkpoint["arch"])),
+                  stride=checkpoint.get("output_stride"))  # absent before strides were recorded: 8
     if checkpoint.get("pruning"):
         replay_pruning_history(model, checkpoint["pruning"])
     return model
@@ -233,8 +235,9 @@ def strip_for_deployment(source, target, overwrite=False):
     return [key for key in checkpoint if key not in stripped]
 
 
-def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES):
-    """(model in eval mode, metadata) from any checkpoint kind; refuses another class count."""
+def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES, stride=None):
+    """(model in eval mode, metadata) from any checkpoint kind; refuses another class count. The network runs
+    at the output stride its checkpoint records (8 when it records none) unless `stride` overrides it."""
     checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
     if num_classes is not None and checkpoint["num_classes"] != num_classes:
         raise UserError(f"{path} predicts {checkpoint['num_outputs']} classes but S2DS has {num_classes}")
@@ -242,8 +245,10 @@ def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES):
         model = checkpoint.pop("module")
     else:
         model = load_weights(build_from_checkpoint(checkpoint), checkpoint["model"], path)
+    if stride is not None:
+        set_output_stride(model, stride)
     metadata = {k: v for k, v in for_deployment(checkpoint).items() if k != "model"}
-    metadata["path"] = str(path)
+    metadata.update(path=str(path), output_stride=output_stride(model))
     return model.to(device).eval(), metadata
 
 
@@ -265,12 +270,13 @@ def check_model_options(weights, pruned_model, use_pruned, weights_option="--wei
 
 
 def load_for_inference(weights=None, pruned_model=None, use_pruned=False, device="cpu", allow_pickle=False,
-                       weights_option="--weights"):
-    """(model in eval mode, metadata) by check_model_options' rule, for test.py, inference.py and the study."""
+                       weights_option="--weights", stride=None):
+    """(model in eval mode, metadata) by check_model_options' rule, for test.py, inference.py and the study;
+    `stride` overrides the output stride the checkpoint records (load_model)."""
     check_model_options(weights, pruned_model, use_pruned, weights_option)
     if not pruned_model:
-        return load_model(weights, device=device, allow_pickle=allow_pickle)
-    model, metadata = load_model(pruned_model, allow_pickle=allow_pickle)
+        return load_model(weights, device=device, allow_pickle=allow_pickle, stride=stride)
+    model, metadata = load_model(pruned_model, allow_pickle=allow_pickle, stride=stride)
     if weights:
         checkpoint = read_checkpoint(weights, allow_pickle=allow_pickle)
         load_weights(model, checkpoint["model"], weights)

@@ -44,6 +44,11 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False/yes/no/1/0), got {value!r}")
 
 
+def bool_or_auto(value):
+    """'auto' or a boolean (str2bool), for options whose default depends on the machine."""
+    return "auto" if str(value).strip().lower() == "auto" else str2bool(value)
+
+
 def add_bool(parser, name, default=False, help=""):
     """A boolean option: `--flag` alone means True, `--flag False` spells it out."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default,

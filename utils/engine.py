@@ -30,6 +30,18 @@ def amp_dtype(device, requested="auto"):
     return torch.bfloat16
 
 
+def native_mixed_precision(device):
+    """Whether --amp auto turns mixed precision on: on CUDA GPUs (bfloat16 on compute capability 8+, float16
+    with a GradScaler before) and on CPUs whose oneDNN has bfloat16 kernels (AVX-512 or AMX); off on other
+    CPUs, where bfloat16 is emulated and slower (README, "Training from scratch on a CPU")."""
+    if device.type == "cuda":
+        return True
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def autocast(device, enabled, dtype=None):
     """Mixed precision in one place, in `dtype` (default: amp_dtype(device))."""
     return torch.autocast(device.type, dtype=dtype or amp_dtype(device), enabled=enabled)

@@ -31,6 +31,9 @@ ARCHS = {
 }
 DEFAULT_ARCH = "deeplabv3_resnet101"
 INITS = ("coco", "imagenet", "none")
+OUTPUT_STRIDES = (8, 16)
+# ASPP rates per output stride, as in the DeepLabV3 paper: the same field of view in input pixels.
+ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 
 
 @contextmanager
@@ -79,12 +82,56 @@ def _download_hint(weights, error):
             f"{hub} (set TORCH_HOME to use another folder) or train from scratch with --init none")
 
 
-def build(arch=DEFAULT_ARCH, num_classes=7, init="coco", aux_loss=True, keep_feature_extract=False):
+def has_output_stride(arch):
+    """Only the DeepLabV3-ResNets choose their output stride (the MobileNet networks are fixed at 16)."""
+    return arch.startswith("deeplabv3_resnet")
+
+
+def output_stride(model):
+    """8 or 16 for a DeepLabV3-ResNet (read off its layer3: strided at 16, dilated at 8), None otherwise."""
+    layer3 = getattr(getattr(model, "backbone", None), "layer3", None)
+    if layer3 is None:
+        return None
+    return 16 if layer3[0].conv2.stride == (2, 2) else 8
+
+
+def _set_block(block, stride, dilation, first_dilation):
+    block.conv2.stride = (stride, stride)
+    block.conv2.dilation = block.conv2.padding = (first_dilation, first_dilation)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
+@torch.no_grad()
+def set_output_stride(model, stride):
+    """Rebuild a DeepLabV3-ResNet's dilation pattern in place for output stride 8 (layer3 and layer4 dilated
+    2 and 4) or 16 (layer4 dilated 2), with the ASPP rates of that stride. The weights are the same shapes at
+    either stride, so a checkpoint (dense or pruned) loads at both; returns the model."""
+    if stride not in OUTPUT_STRIDES:
+        raise UserError(f"--output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {stride}")
+    backbone = getattr(model, "backbone", None)
+    if getattr(backbone, "layer3", None) is None:
+        raise UserError("--output_stride applies to the DeepLabV3-ResNet networks only")
+    plan = {8: ((1, 1, 2), (1, 2, 4)), 16: ((2, 1, 1), (1, 1, 2))}[stride]  # (stride, first, rest) per layer
+    for layer, (layer_stride, first, rest) in zip((backbone.layer3, backbone.layer4), plan):
+        _set_block(layer[0], layer_stride, first, first)
+        for block in list(layer)[1:]:
+            _set_block(block, 1, rest, rest)
+    for rate, branch in zip(ASPP_RATES[stride], list(model.classifier[0].convs)[1:4]):
+        branch[0].dilation = branch[0].padding = (rate, rate)
+    return model
+
+
+def build(arch=DEFAULT_ARCH, num_classes=7, init="coco", aux_loss=True, keep_feature_extract=False,
+          stride=None):
     """A segmentation network with `num_classes` outputs.
 
     init: coco (torchvision's COCO-with-VOC-labels weights, head replaced), imagenet (backbone only)
-    or none. keep_feature_extract freezes everything but the new head.
+    or none. keep_feature_extract freezes everything but the new head. stride: the output stride of a
+    DeepLabV3-ResNet (None: torchvision's 8).
     """
+    if stride is not None and not has_output_stride(arch):
+        raise UserError(f"--output_stride applies to the DeepLabV3-ResNet networks only, not {arch}")
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if init not in INITS:
@@ -107,6 +154,8 @@ def build(arch=DEFAULT_ARCH, num_classes=7, init="coco", aux_loss=True, keep_fea
         if init == "none":
             raise
         raise UserError(_download_hint(coco_weights if init == "coco" else backbone_weights, error)) from None
+    if stride is not None:
+        set_output_stride(model, stride)
     if keep_feature_extract:
         freeze_all_but_head(model)
     return model

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from utils import data
 from utils.cli import UserError
 from utils.distributed import ShardSampler
-from utils.losses import SegmentationLoss
+from utils.losses import WEIGHTED, SegmentationLoss
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -45,11 +45,37 @@ def build_optimizer(model, name, lr, weight_decay, momentum=0.9):
     raise UserError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+class PolyDecay:
+    """The poly factor (1 - step/total)^power; an object, not a lambda, so that its total is saved in the
+    scheduler's state_dict and a time budget can resize it while the run goes (the factor reaches 0 at the
+    last step whatever the total became)."""
+
+    def __init__(self, total_steps, power=0.9):
+        self.total_steps, self.power = max(1, int(total_steps)), power
+
+    def __call__(self, step):
+        return max(0.0, 1 - min(step, self.total_steps) / self.total_steps) ** self.power
+
+
 def poly_scheduler(optimizer, total_steps, power=0.9):
     """Polynomial decay per step, as in DeepLab and torchvision's segmentation reference."""
-    total_steps = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1 - min(step, total_steps) / total_steps) ** power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyDecay(total_steps, power))
+
+
+def resize_schedule(scheduler, total_steps):
+    """Point every poly factor of `scheduler` at a new total step count (time budgets)."""
+    for decay in scheduler.lr_lambdas:
+        decay.total_steps = max(1, int(total_steps))
+
+
+def epochs_within_budget(budget_seconds, elapsed_seconds, done_epochs, epoch_seconds, validation_seconds,
+                         val_every):
+    """How many epochs a run can have in all when `budget_seconds` (from the run's start) must cover the rest:
+    each further epoch costs `epoch_seconds` of training plus, every `val_every` epochs, one validation and save
+    (`validation_seconds`), and the last epoch is always validated. Never fewer than the epochs already done."""
+    remaining = budget_seconds - elapsed_seconds - validation_seconds  # the final validation and save
+    per_epoch = epoch_seconds + validation_seconds / max(1, val_every)
+    return done_epochs + max(0, int(remaining // per_epoch)) if per_epoch > 0 else done_epochs
 
 
 def train_loader(dataset, batch_size, workers, seed, context):
@@ -73,10 +99,10 @@ def eval_loader(dataset, batch_size, workers, context):
                       collate_fn=data.collate)
 
 
-def make_criterion(kind, dataset, progress):
-    """The loss; class weights for ce_weighted come from the training labels' pixel counts."""
+def make_criterion(kind, dataset, progress, skeleton_weight=0.0):
+    """The loss; class weights for the weighted kinds come from the training labels' pixel counts."""
     weights = None
-    if kind == "ce_weighted":
+    if kind in WEIGHTED:
         pixels, _, _ = data.label_statistics(dataset, progress=progress)
         weights = data.class_weights(pixels)
-    return SegmentationLoss(kind, weights)
+    return SegmentationLoss(kind, weights, skeleton_weight)

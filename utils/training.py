@@ -4,7 +4,9 @@ A run-floor module (docs/ARCHITECTURE.md): the loop itself is utils.engine's, th
 and loss are utils.recipe's, so pruning's fine-tuning and the study train exactly the same way.
 """
 import json
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +18,12 @@ from utils.checkpoint import (build_from_checkpoint, for_deployment, load_model,
                               read_checkpoint, require_resume_state, save_atomic)
 from utils.cli import UserError, plain_name, require_path
 from utils.distributed import broadcast_object, cleanup, init_distributed
-from utils.engine import amp_dtype, evaluate, train_one_epoch
+from utils.engine import amp_dtype, evaluate, native_mixed_precision, train_one_epoch
 from utils.files import hold_folder_lock, release_folder_locks, replace_atomically
 from utils.metrics import per_class_metrics, summary_metrics
 from utils.prune_ops import slice_extra_outputs
-from utils.recipe import build_optimizer, eval_loader, make_criterion, poly_scheduler, seed_everything, train_loader
+from utils.recipe import (build_optimizer, epochs_within_budget, eval_loader, make_criterion, poly_scheduler,
+                          resize_schedule, seed_everything, train_loader)
 from utils.report import plot_curves, write_csv
 
 
@@ -63,7 +66,9 @@ RUN_DEFAULTS = {
     "arch": models.DEFAULT_ARCH, "init": "coco", "aux_loss": True, "keep_feature_extract": False,
     "pruned_model": None, "train_pruned_fully": True, "load_pretrained_weights": None, "epochs": 30,
     "batch_size": 4, "crop_size": 512, "eval_size": None, "lr": 0.01, "optimizer": "sgd", "weight_decay": 1e-4,
-    "loss": "ce_weighted", "patience": 0, "amp": False, "seed": 42, "deterministic": False,
+    "loss": "ce_weighted", "patience": 0, "amp": "auto", "seed": 42, "deterministic": False, "output_stride": None,
+    "steps": None, "max_minutes": None, "val_every": 1, "scale_range": [0.5, 2.0], "cat_max_ratio": None,
+    "skeleton_recall": 0.0,
 }
 """The settings that make a run what it is. train.py leaves the ones not given as None: a new run takes these
 defaults, a resumed run its own saved values (so it never needs the COCO weights its last.pth replaces)."""
@@ -112,20 +117,30 @@ def _new_model(args):
         arch = args.arch
         init = "none" if args.load_pretrained_weights else args.init  # W replaces whatever --init would download
         model = models.build(arch, data.NUM_CLASSES, init, args.aux_loss)
+    recorded = None
     if args.load_pretrained_weights:
         checkpoint = read_checkpoint(args.load_pretrained_weights, allow_pickle=args.allow_pickle)
         weights = slice_extra_outputs(model, checkpoint["model"], data.NUM_CLASSES)  # the thesis' 8th output
         load_weights(model, weights, args.load_pretrained_weights)
+        recorded = checkpoint.get("output_stride")
+    stride = args.output_stride or recorded  # the given stride, else the weights' own (else the network's: 8)
+    if stride is not None and models.has_output_stride(arch):
+        models.set_output_stride(model, stride)
+    elif args.output_stride is not None:
+        raise UserError(f"--output_stride applies to the DeepLabV3-ResNet networks only, not {arch}")
     return model, arch, pruning
 
 
-def _epoch_row(epoch, train_stats, result, lr):
+def _epoch_row(epoch, step, train_stats, result, lr):
+    """metrics.csv's row for a validated epoch: train loss and seconds summed over the epochs since the last
+    validation (train_stats), then the validation scores."""
     per_class = per_class_metrics(result.confusion.matrix)
-    row = {"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": result.loss,
+    row = {"epoch": epoch, "step": step, "train_loss": train_stats["loss"], "val_loss": result.loss,
            "val_miou": summary_metrics(result.confusion.matrix)["mean_iou"]}
     row.update({f"val_iou_{name}": float(iou) for name, iou in zip(data.CLASS_NAMES, per_class["iou"])})
     row.update({"lr": lr, "data_seconds": round(train_stats["data_seconds"], 3),
-                "compute_seconds": round(train_stats["compute_seconds"], 3)})
+                "compute_seconds": round(train_stats["compute_seconds"], 3),
+                "val_seconds": round(result.seconds, 3)})
     return row
 
 
@@ -142,18 +157,23 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: object = None
     amp_dtype: torch.dtype = None
+    amp: bool = False
 
 
 @dataclass
 class Progress:
-    """Where the run stands: the next epoch, the best val mIoU so far, the metric rows, epochs without gain."""
+    """Where the run stands: the next epoch, the best val mIoU so far, the metric rows (one per validation),
+    validations without gain, and the epochs planned in all (a time budget resizes them)."""
     start_epoch: int = 1
     best: float = -1.0
     history: list = field(default_factory=list)
     stale: int = 0
+    epochs: int = 0
+    validation_seconds: float = 0.0  # what the last validation and save cost
+    save_seconds: float = 0.0
 
     def record(self, row):
-        """Add an epoch's row; True when it is the best so far."""
+        """Add a validated epoch's row; True when it is the best so far."""
         self.history.append(row)
         improved = row["val_miou"] > self.best
         self.best, self.stale = (row["val_miou"], 0) if improved else (self.best, self.stale + 1)
@@ -176,26 +196,71 @@ def run(args):
 
 
 def _train(args, context):
+    started = time.perf_counter()
     run_dir = _set_up_run_dir(args, context)
     resumed = _read_last(run_dir) if args.resume else None
     settle_settings(args, resumed.get("args") if resumed else None)
     seed_everything(args.seed + context.rank, args.deterministic)
     parts = _set_up(args, context, resumed)
     progress = _resume(parts, resumed, run_dir, context) if resumed else Progress()
+    progress.epochs = args.epochs
+    resize_schedule(parts.scheduler, progress.epochs * len(parts.loader))  # a resumed run's --epochs may differ
+    budget = args.max_minutes * 60 if args.max_minutes and not resumed else None  # a resumed run keeps its plan
     writer = _open_outputs(args, run_dir, context)
-    for epoch in range(progress.start_epoch, args.epochs + 1):
-        if args.patience and progress.stale >= args.patience:
-            break
-        row = _one_epoch(parts, args, context, epoch)
-        improved = progress.record(row)
-        if context.is_main:
-            _save(parts, args, run_dir, progress, improved, writer)
-            _print_epoch(row, args.epochs, improved)
+    pending, epoch = [], progress.start_epoch  # the epochs trained since the last validation
+    while epoch <= progress.epochs and not (args.patience and progress.stale >= args.patience):
+        pending.append(_train_epoch(parts, context, epoch))
+        if epoch == 1 or _validates(epoch, args.val_every, progress.epochs):
+            improved = _validate(parts, context, progress, epoch, pending)
+            if budget is not None:
+                _plan_epochs(parts, progress, budget, time.perf_counter() - started, pending, args.val_every,
+                             epoch, context)
+            _save_validated(parts, args, (run_dir, writer), progress, improved, context)
+            pending = []
+        epoch += 1
     if writer is not None:
         writer.close()
     if context.is_main:
         print(f"done: best val mIoU {100 * progress.best:.2f}%; outputs in {run_dir}/ "
               f"(best.pth, last.pth, metrics.csv, curves.png, args.json)")
+
+
+def _validates(epoch, val_every, epochs):
+    """Validation (and saving) follows epoch 1, every val_every-th epoch and the last one."""
+    return epoch % max(1, val_every) == 0 or epoch >= epochs
+
+
+def _plan_epochs(parts, progress, budget, elapsed, pending, val_every, epoch, context):
+    """Size the run to its time budget from what the epochs cost so far (epoch 1 carries the warm-up, so it is
+    left out once there are others), and stretch the poly schedule to the planned last step. Rank 0 decides."""
+    timed = pending[1:] if epoch > 1 and len(pending) > 1 else pending
+    epoch_seconds = sum(s["data_seconds"] + s["compute_seconds"] for s in timed) / len(timed)
+    planned = epochs_within_budget(budget, elapsed, epoch, epoch_seconds, progress.validation_seconds, val_every)
+    progress.epochs = max(epoch, broadcast_object(planned, context))
+    resize_schedule(parts.scheduler, progress.epochs * len(parts.loader))
+
+
+def _validate(parts, context, progress, epoch, pending):
+    """Score the validation split after `epoch` (pending: the epochs' stats since the last validation) and record
+    the row; True when it is the best so far. Its seconds, with the last save's, are what a validation costs."""
+    started = time.perf_counter()
+    result = evaluate(parts.model, parts.val_loader, context.device, data.NUM_CLASSES, parts.criterion, parts.amp,
+                      progress=context.is_main)
+    stats = {"loss": sum(s["loss"] for s in pending) / len(pending),
+             **{key: sum(s[key] for s in pending) for key in ("data_seconds", "compute_seconds")}}
+    row = _epoch_row(epoch, parts.scheduler.last_epoch, stats, result, parts.optimizer.param_groups[0]["lr"])
+    improved = progress.record(row)
+    progress.validation_seconds = time.perf_counter() - started + progress.save_seconds
+    return improved
+
+
+def _save_validated(parts, args, outputs, progress, improved, context):
+    """Rank 0: last.pth, best.pth when better, metrics.csv, curves.png, the epoch's line."""
+    started = time.perf_counter()
+    if context.is_main:
+        _save(parts, args, outputs[0], progress, improved, outputs[1])
+        _print_epoch(progress.history[-1], progress.epochs, improved)
+    progress.save_seconds = time.perf_counter() - started
 
 
 def _set_up_run_dir(args, context):
@@ -214,10 +279,10 @@ def _set_up_run_dir(args, context):
 def _set_up(args, context, resumed=None):
     """Data, model (wrapped for DDP), loss, loaders, optimiser, schedule and scaler."""
     device = context.device
-    train_set = data.training_set(args.train_dir, args.crop_size)
+    train_set = data.training_set(args.train_dir, args.crop_size, tuple(args.scale_range), args.cat_max_ratio)
     val_set = data.S2DSDataset(args.val_dir, data.EvalTransform(args.eval_size))
     model, arch, pruning = _build_model(args, resumed)
-    criterion = make_criterion(args.loss, train_set, context.is_main).to(device)
+    criterion = make_criterion(args.loss, train_set, context.is_main, args.skeleton_recall).to(device)
     model.to(device)
     _speed_options(model, args)
     if context.enabled:
@@ -228,9 +293,12 @@ def _set_up(args, context, resumed=None):
     loader = train_loader(train_set, args.batch_size, args.workers, args.seed, context)
     val_loader = eval_loader(val_set, 1 if args.eval_size is None else args.batch_size, args.workers, context)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    if args.steps and resumed is None:  # a schedule given in steps: whole epochs that hold them
+        args.epochs = math.ceil(args.steps / len(loader))
     scheduler = poly_scheduler(optimizer, args.epochs * len(loader))
-    dtype, scaler = _mixed_precision(args, device)
-    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype)
+    amp = native_mixed_precision(device) if args.amp == "auto" else bool(args.amp)
+    dtype, scaler = _mixed_precision(amp, args.amp_dtype, device)
+    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype, amp)
 
 
 def _speed_options(model, args):
@@ -249,12 +317,12 @@ def _speed_options(model, args):
             from None
 
 
-def _mixed_precision(args, device):
+def _mixed_precision(amp, requested_dtype, device):
     """(autocast dtype, GradScaler or None): bfloat16 needs no scaler, float16 does and runs on CUDA only."""
-    dtype = amp_dtype(device, args.amp_dtype)
-    if args.amp and dtype == torch.float16 and device.type != "cuda":
+    dtype = amp_dtype(device, requested_dtype)
+    if amp and dtype == torch.float16 and device.type != "cuda":
         raise UserError("--amp_dtype float16 needs a CUDA GPU; on the CPU use bfloat16 (or auto)")
-    return dtype, torch.amp.GradScaler("cuda") if args.amp and dtype == torch.float16 else None
+    return dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
 
 
 def _read_last(run_dir):
@@ -289,17 +357,13 @@ def _open_outputs(args, run_dir, context):
     return SummaryWriter(run_dir)
 
 
-def _one_epoch(parts, args, context, epoch):
-    """Train one epoch, score the validation split; the epoch's metrics row."""
+def _train_epoch(parts, context, epoch):
+    """One pass over the training split: its mean loss and seconds (utils.engine.train_one_epoch)."""
     if context.enabled:
         parts.loader.sampler.set_epoch(epoch)
-    lr = parts.optimizer.param_groups[0]["lr"]
-    stats = train_one_epoch(parts.model, parts.loader, parts.criterion, parts.optimizer, context.device, epoch,
-                            parts.scheduler, parts.scaler, args.amp, progress=context.is_main,
-                            amp_dtype=parts.amp_dtype)
-    result = evaluate(parts.model, parts.val_loader, context.device, data.NUM_CLASSES, parts.criterion, args.amp,
-                      progress=context.is_main)
-    return _epoch_row(epoch, stats, result, lr)
+    return train_one_epoch(parts.model, parts.loader, parts.criterion, parts.optimizer, context.device, epoch,
+                           parts.scheduler, parts.scaler, parts.amp, progress=context.is_main,
+                           amp_dtype=parts.amp_dtype)
 
 
 def _save(parts, args, run_dir, progress, improved, writer):
@@ -309,7 +373,7 @@ def _save(parts, args, run_dir, progress, improved, writer):
         parts.model, parts.arch, pruning=parts.pruning, optimizer=parts.optimizer.state_dict(),
         lr_scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
         epoch=row["epoch"], best_metric=progress.best, epochs_without_improvement=progress.stale,
-        metrics=progress.history, args=vars(args))
+        metrics=progress.history, args={**vars(args), "epochs": progress.epochs})
     if improved:  # what deployment needs only: the optimiser state would double or triple the file
         save_atomic(for_deployment(checkpoint), os.path.join(run_dir, "best.pth"))
     save_atomic(checkpoint, os.path.join(run_dir, "last.pth"))

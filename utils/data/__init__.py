@@ -272,12 +272,44 @@ def image_to_tensor(image):
                       ).as_subclass(torch.Tensor)
 
 
-def train_transform(crop_size, scale=(0.5, 2.0)):
-    """Random scale, random crop (mask padded with ignore), flips, rot90, photometric jitter."""
+class ClassAwareCrop:
+    """A random crop (padded with ignore when the image is smaller) drawn again, up to `tries` times, while one
+    class covers more than `cat_max_ratio` of its labelled pixels: small crops of a mostly-background photo are
+    mostly background, and a thin rare class (crack) is then seldom seen. mmsegmentation's RandomCrop rule
+    (the last draw is kept when none passes); cat_max_ratio None or >= 1 is a plain random crop."""
+
+    def __init__(self, crop_size, cat_max_ratio=None, tries=10):
+        self.crop_size, self.cat_max_ratio, self.tries = crop_size, cat_max_ratio, tries
+
+    def _dominated(self, mask):
+        counts = torch.bincount(mask.flatten(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
+        labelled = int(counts.sum())
+        return labelled > 0 and int(counts.max()) > self.cat_max_ratio * labelled
+
+    def __call__(self, image, mask):
+        height, width = image.shape[-2:]
+        pad_h, pad_w = max(0, self.crop_size - height), max(0, self.crop_size - width)
+        if pad_h or pad_w:
+            image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
+            mask = TF.pad(mask, [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)
+            height, width = image.shape[-2:]
+        for attempt in range(self.tries if self.cat_max_ratio and self.cat_max_ratio < 1 else 1):
+            top = random.randint(0, height - self.crop_size)
+            left = random.randint(0, width - self.crop_size)
+            crop = TF.crop(mask, top, left, self.crop_size, self.crop_size)
+            if attempt == self.tries - 1 or not self.cat_max_ratio or not self._dominated(crop):
+                break
+        return TF.crop(image, top, left, self.crop_size, self.crop_size), crop
+
+
+DEFAULT_SCALE_RANGE = (0.5, 2.0)
+
+
+def train_transform(crop_size, scale=DEFAULT_SCALE_RANGE, cat_max_ratio=None):
+    """Random scale, class-aware random crop (mask padded with ignore), flips, rot90, photometric jitter."""
     return v2.Compose([
         RandomScale(*scale),
-        v2.RandomCrop(crop_size, pad_if_needed=True,
-                      fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        ClassAwareCrop(crop_size, cat_max_ratio),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
         RandomRot90(),
@@ -285,7 +317,8 @@ def train_transform(crop_size, scale=(0.5, 2.0)):
         *normalization(),
     ])
 
-def training_set(split_dir, crop_size):
+
+def training_set(split_dir, crop_size, scale=DEFAULT_SCALE_RANGE, cat_max_ratio=None):
     """The training split with train_transform's crop never larger than its smallest image side: padding a
     96 px image to a 512 px crop is 96% padding, several times the time and memory for nothing."""
     dataset = S2DSDataset(split_dir)
@@ -294,7 +327,12 @@ def training_set(split_dir, crop_size):
         print(f"--crop_size {crop_size} exceeds the smallest image side of {dataset.root} ({smallest} px); "
               f"cropping {smallest} px instead", flush=True)
         crop_size = smallest
-    dataset.transform = train_transform(crop_size)
+    low, high = scale
+    if not 0 < low <= high:
+        raise UserError(f"--scale_range needs 0 < LOW <= HIGH, got {low:g} {high:g}")
+    if cat_max_ratio is not None and not 0 < cat_max_ratio <= 1:
+        raise UserError(f"--cat_max_ratio must be in (0, 1], got {cat_max_ratio:g}")
+    dataset.transform = train_transform(crop_size, scale, cat_max_ratio)
     return dataset
 
 
