@@ -7,8 +7,8 @@ Writes results/runs/RUN_NAME/: last.pth, best.pth, metrics.csv, curves.png, args
 """
 import argparse
 
-from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, bool_or_auto, cap_workers, check_batch_memory,
-                       run_main, script_main, str2bool)
+from utils.cli import (ArgumentParser, UserError, add_bool, add_config, add_quiet, bool_or_auto, cap_workers,
+                       check_batch_memory, run_main, script_main, str2bool)
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS, OUTPUT_STRIDES
 from utils.recipe import OPTIMIZERS
@@ -88,6 +88,7 @@ def get_args_parser():
                              "(no GradScaler), float16 with a GradScaler on older GPUs (default: %(default)s)")
     add_bool(system, "--channels_last", False, "channels-last memory format (faster convolutions on most GPUs)")
     add_bool(system, "--compile", False, "torch.compile the network (refused in one line where unsupported)")
+    add_config(system)
     add_quiet(parser)
     return parser
 

@@ -156,3 +156,30 @@ def test_skeleton_recall_loss_by_hand():
     assert SegmentationLoss("ce", skeleton_weight=2.0)(logits, target).item() == pytest.approx(
         plain.item() + 2 * (1 - 13 / 23), abs=1e-5)
     assert skeleton_recall_loss(logits, torch.zeros_like(target)).item() == 0
+
+
+def test_config_repeats_a_run_and_flags_win(dataset_dir, tmp_path):
+    first = [str(dataset_dir / "train"), str(dataset_dir / "val"), "first", *FAST, *MOBILE, "--epochs", "1",
+             "--lr", "0.003", "--optimizer", "adamw", "--cat_max_ratio", "0.8", "--output_dir", str(tmp_path)]
+    train.main(first)
+    saved = tmp_path / "runs" / "first" / "args.json"
+    train.main(["--config", str(saved), str(dataset_dir / "train"), str(dataset_dir / "val"), "again"])
+    train.main(["--config", str(saved), str(dataset_dir / "train"), str(dataset_dir / "val"), "changed",
+                "--lr", "0.001"])
+    runs = {name: json.loads((tmp_path / "runs" / name / "args.json").read_text())
+            for name in ("first", "again", "changed")}
+    differs = {key for key in runs["first"] if runs["first"][key] != runs["again"].get(key)}
+    assert differs == {"run_name", "config"}
+    assert runs["changed"]["lr"] == 0.001 and runs["changed"]["cat_max_ratio"] == 0.8
+
+
+@pytest.mark.parametrize("content, fragment", [("{not json", "not a readable JSON"),
+                                               ('{"lr": "fast"}', "lr 'fast'"),
+                                               ('{"optimizer": "lion"}', "not one of"),
+                                               ('{"learning_rate": 0.1}', "learning_rate is not an option")])
+def test_bad_config_is_one_line(dataset_dir, tmp_path, content, fragment):
+    config = tmp_path / "bad.json"
+    config.write_text(content)
+    result = run_script("train.py", "--config", config, dataset_dir / "train", dataset_dir / "val", "x", *FAST,
+                        *MOBILE, "--output_dir", tmp_path)
+    assert_user_error(result, fragment)

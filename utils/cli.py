@@ -6,6 +6,7 @@ status 2, while unexpected errors keep their traceback.
 import argparse
 import errno
 import gc
+import json
 import os
 import platform
 import re
@@ -74,10 +75,70 @@ def progress_enabled(wanted=True):
     return bool(wanted) and not _quiet["on"] and sys.stderr.isatty()
 
 
+CONFIG_METADATA = ("world_size", "torch", "config")  # what a run's args.json records besides its options
+NOT_FROM_CONFIG = ("resume", "overwrite", "quiet")  # what to do with existing outputs is said on the command line
+
+
+def add_config(parser):
+    """--config FILE.json: option values (a run's args.json is one) used as defaults; flags given win."""
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="option values as JSON (e.g. a run's args.json) used as defaults; options given on the "
+                             "command line win; positional arguments, --resume and --overwrite are not taken")
+
+
+def _read_config(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--config {path} is not a readable JSON file ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold a JSON object of option values, not {type(values).__name__}")
+    return values
+
+
+def _config_value(action, value, path):
+    """A value from the file checked as argparse checks a flag: its type (for text) and its choices."""
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f"--config {path}: {action.dest} {value!r} is not a valid value") from None
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UserError(f"--config {path}: {action.dest} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def apply_config(parser, argv):
+    """Make the options of `--config FILE` in argv the parser's defaults (checked: an option the script does not
+    have, a bad type or choice is one line). Positional arguments are always given on the command line."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    path = finder.parse_known_args(argv)[0].config
+    if not path:
+        return
+    values = _read_config(path)
+    options = {action.dest: action for action in parser._actions if action.option_strings}
+    positional = {action.dest for action in parser._actions if not action.option_strings}
+    unknown = sorted(key for key in values if key not in options and key not in positional | set(CONFIG_METADATA))
+    if unknown:
+        raise UserError(f"--config {path}: {', '.join(unknown)} "
+                        f"{'is not an option' if len(unknown) == 1 else 'are not options'} of this script")
+    parser.set_defaults(**{key: _config_value(options[key], value, path) for key, value in values.items()
+                           if key in options and key not in NOT_FROM_CONFIG + CONFIG_METADATA})
+
+
 def script_main(get_parser, run, check=None):
-    """A script's main(argv): parse, apply --quiet, check what argparse cannot (check(args)), run(args)."""
+    """A script's main(argv): parse (over --config's values where the script has it), apply --quiet, check what
+    argparse cannot (check(args)), run(args)."""
     def main(argv=None):
-        args = get_parser().parse_args(argv)
+        parser = get_parser()
+        if any("--config" in action.option_strings for action in parser._actions):
+            apply_config(parser, sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
         set_quiet(getattr(args, "quiet", False))
         if check is not None:
             check(args)
