@@ -18,6 +18,7 @@ import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main, str2bool
 from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, run
+from utils.model import add_output_stride_option
 
 
 def get_args_parser():
@@ -28,6 +29,7 @@ def get_args_parser():
     model.add_argument("--pruned_model", metavar="P.pth",
                        help="pruned network whose architecture holds --state_dict (or, alone, is used)")
     add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
+    add_output_stride_option(model)
     add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
 
     inputs = parser.add_argument_group("input and prediction")

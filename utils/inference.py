@@ -211,7 +211,7 @@ def load_network(args, device):
     if args.half and device.type != "cuda":
         raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half (float32 is used)")
     model, metadata = load_for_inference(args.state_dict, args.pruned_model, args.use_pruned, device,
-                                         args.allow_pickle, "--state_dict")
+                                         args.allow_pickle, "--state_dict", args.output_stride)
     fold_batchnorm(strip_aux_head(model).eval())
     dtype = torch.float16 if args.half else torch.float32
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -95,6 +95,14 @@ def output_stride(model):
     return 16 if layer3[0].conv2.stride == (2, 2) else 8
 
 
+def add_output_stride_option(group):
+    """--output_stride for the scripts that load a trained network (one help text): an override of the stride
+    its checkpoint records."""
+    group.add_argument("--output_stride", type=int, choices=OUTPUT_STRIDES, default=None,
+                       help="run a DeepLabV3-ResNet at this output stride instead of the one its checkpoint records "
+                            "(8 when it records none)")
+
+
 def _set_block(block, stride, dilation, first_dilation):
     block.conv2.stride = (stride, stride)
     block.conv2.dilation = block.conv2.padding = (first_dilation, first_dilation)
