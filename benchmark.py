@@ -13,6 +13,7 @@ import argparse
 
 from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, plain_name, run_main, script_main
 from utils.deploy import run_benchmark as run
+from utils.timing import WARMUP
 
 
 def get_args_parser():
@@ -22,7 +23,7 @@ def get_args_parser():
     parser.add_argument("--size", type=int, default=512, help="input side in px (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=20, help="timed forwards per model (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed forwards first (default: %(default)s)")
     add_bool(parser, "--half", False, "float16 (CUDA only)")
     add_bool(parser, "--channels_last", False, "channels-last memory format (often faster on GPUs)")
     add_bool(parser, "--fold_batchnorm", True, "fold each BatchNorm into its convolution, as deployed")

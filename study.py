@@ -6,11 +6,18 @@ fine-tuned, scored on the test split as test.py scores it and timed beside the d
         --iterative_steps 1 5 --finetune_epochs 10 --name r101_study
     python study.py ... --sensitivity     each part (ResNet stage, ASPP, head 3x3 conv) pruned alone, untuned
 
-Writes OUTPUT_DIR/studies/NAME/: one checkpoint per variant (NAME/<variant>.pth, for test.py, inference.py,
-benchmark.py), study.csv and study.xlsx (one row per variant plus the dense row: criterion, p, ratio, steps, GMACs,
-params, latency, speed-up, test mIoU, crack IoU, crack tolerance F1, change against dense), study.png (the scores
-against GMACs and latency), and with --sensitivity sensitivity.csv and sensitivity.png. Rerun the same command to
-resume after an interruption: finished variants are kept. Other arguments under an existing NAME need --overwrite.
+    python study.py ... --importance_type Magnitude Taylor Random --seeds 1 2     with the random control, 2 seeds
+
+Every variant, and a dense twin fine-tuned with the same recipe, epochs and seed (the reference every change is
+taken against; the untuned dense row stays, labelled), runs once per --seeds value. Writes OUTPUT_DIR/studies/NAME/:
+one checkpoint per (variant, seed) (NAME/<variant>_seed<S>.pth, for test.py, inference.py, benchmark.py), study.csv
+(one row per (variant, seed): criterion, p, ratio, steps, GMACs, params, latency, speed-up, test mIoU, crack IoU,
+crack tolerance F1, change against the dense fine-tuned twin of that seed), study_summary.csv and study.xlsx (mean
+and spread over seeds, changes marked "within noise" when no larger than the spread), study.png (the scores against
+GMACs and latency, bars: spread), and with --sensitivity sensitivity.csv and sensitivity.png. Latency is measured as
+everywhere in CrackSense (utils/timing.py: deployed network, warm-up, median of interleaved rounds). Rerun the same
+command to resume after an interruption: finished (variant, seed) runs are kept. Other arguments under an existing
+NAME need --overwrite.
 """
 import argparse
 
@@ -32,7 +39,8 @@ def get_args_parser():
     grid.add_argument("--pruning_ratio", type=float, nargs="+", required=True, metavar="PERCENT",
                       help="percents of channels to remove, each 1 to 99")
     grid.add_argument("--importance_type", nargs="+", default=["Magnitude"], metavar="NAME",
-                      help=f"criteria: {', '.join(IMPORTANCES)} (default: Magnitude)")
+                      help=f"criteria: {', '.join(IMPORTANCES)}; add Random as the control a criterion has to "
+                           f"beat at the same ratio (default: Magnitude)")
     grid.add_argument("--p_value", type=int, nargs="+", default=[2], metavar="P",
                       help="norms of Magnitude/LAMP/FPGM (1 = L1, 2 = L2); the others have none (default: 2)")
     grid.add_argument("--iterative_steps", type=int, nargs="+", default=[1], metavar="N",
@@ -71,7 +79,8 @@ def get_args_parser():
     output.add_argument("--measure_size", type=int, default=512,
                         help="image side in px for MACs and latency (default: %(default)s)")
     output.add_argument("--latency_runs", type=int, default=5,
-                        help="interleaved timing rounds, dense and every variant; 0 skips (default: %(default)s)")
+                        help="interleaved timing rounds of the deployed networks, dense and every checkpoint; 0 "
+                             "skips (default: %(default)s)")
     output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
     add_bool(output, "--overwrite", False,
              "start the study of this --name again, replacing its files (needed when its arguments changed)")
@@ -79,7 +88,10 @@ def get_args_parser():
     system = parser.add_argument_group("system")
     system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
-    system.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    system.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="SEED",
+                        help="repeat every variant and the dense fine-tuned twin once per seed (pruning randomness, "
+                             "Taylor's calibration batches, crops, fine-tuning order); the tables give mean and "
+                             "spread over seeds, e.g. --seeds 1 2 3 (default: 42)")
     add_quiet(parser)
     return parser
 

@@ -17,6 +17,7 @@ from utils import model as models
 from utils.checkpoint import make_checkpoint, save_atomic
 from utils.cli import UserError, default_name, run_main
 from utils.data import CLASS_NAMES, NUM_CLASSES
+from utils.evaluation import LATENCY_LABEL
 
 # Loaded by path: "test" is also the name of Python's own regression-test package.
 _spec = importlib.util.spec_from_file_location("cracksense_test_script", REPO / "test.py")
@@ -167,12 +168,12 @@ def test_workbook_is_formatted_for_people(varied_run):
     assert summary["mIoU"].number_format == "0.00%"
     assert summary["images"].number_format != "0.00%"
     for item in ("checkpoint", "arch", "classes", "params (aux head dropped)", "dataset", "images", "device",
-                 "version: torch", "images per second (model)", "mean latency per image (ms, batch 1)",
+                 "version: torch", "images per second (deployed network, batch 1)", LATENCY_LABEL,
                  "crack ltIoU (4 px tolerance)", "crack tolerance F1 (4 px)",
                  "per-image crack IoU, std (population)"):
         assert item in summary, item
     assert any(key.startswith("MACs per image at 48x48") for key in summary)
-    assert summary["images per second (model)"].value > 0
+    assert summary["images per second (deployed network, batch 1)"].value > 0
     assert len(book["confusion_matrix"].conditional_formatting) == 1
 
 
@@ -234,7 +235,7 @@ def test_resnet101_with_sliding_window_and_boundary_ignore(dataset_dir, resnet10
     assert summary["labelled pixels"] == int(result.confusion.matrix.sum()) < 2 * 64 * 64  # the band is ignored
     assert result.images == 2
     printed = capsys.readouterr().out  # the summary table at the end
-    for line_start in ("crack ", "mIoU ", "crack ltIoU (2 px tolerance) ", "mean latency per image"):
+    for line_start in ("crack ", "mIoU ", "crack ltIoU (2 px tolerance) ", "latency per image"):
         assert any(line.startswith(line_start) for line in printed.splitlines()), line_start
     assert "model_test_results.xlsx now holds 1 run(s)" in printed
     # 64 px covered by 48 px windows at most 32 apart: 2 windows of 40 px each way, so 4 per image.

@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch_pruning as tp
 
+import benchmark
 import inference
 import torchvision_pruning
 import train
 from conftest import REPO, assert_user_error, run_script
-from utils import model as models
+from utils import model as models, timing
+from utils.evaluation import latency_per_image
 from utils.checkpoint import load_model, make_checkpoint, save_atomic
 from utils.cli import UserError
 from utils.data import S2DSDataset, collate, train_transform
@@ -92,6 +94,62 @@ def test_importance_spellings_and_norms():
         make_importance("Hessianish")
     with pytest.raises(UserError, match="positive integer"):
         make_importance("Magnitude", 0)
+
+
+def _pruned_channels(net, seed):
+    pruner = tp.pruner.BasePruner(net, torch.randn(2, 3, 8, 8), make_importance("Random", seed=seed),
+                                  pruning_ratio=0.5, ignored_layers=[net[3]])
+    pruner.step()
+    return pruner.pruning_history()
+
+
+def test_random_control_repeats_its_channels_for_a_seed_whatever_the_global_generator():
+    chosen = []
+    for global_seed, seed in ((0, 3), (1, 3), (0, 4), (0, 5)):
+        net = _tiny_net_with_a_dead_channel()
+        torch.manual_seed(global_seed)
+        chosen.append(_pruned_channels(net, seed))
+    assert chosen[0] == chosen[1], "the same --seed removed other channels"
+    assert chosen[0] != chosen[2] or chosen[0] != chosen[3], "the seed does not reach the random criterion"
+
+
+def test_random_importance_through_torchvision_pruning(tmp_path, mobilenet_checkpoint):
+    histories = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        path = prune(tmp_path, "--pruning_ratio", 30, "--importance_type", "random", "--model_name", name,
+                     "--seed", seed, "--state_dict", mobilenet_checkpoint)
+        raw = torch.load(path, weights_only=True)
+        assert raw["importance"] == "Random"
+        histories[name] = raw["pruning"]
+    assert histories["a"] == histories["b"] != histories["c"]
+
+
+def test_every_latency_is_the_deployed_network_after_the_same_warm_up(tmp_path, pruned_mobilenet, monkeypatch):
+    """torchvision_pruning.py's summary, benchmark.py and test.py's timing rows (study.py calls the same
+    deployed_latencies) all time through utils.timing: BatchNorm folded, eval mode, WARMUP forwards first."""
+    timed = []
+
+    def spy(calls, runs, warmup, device):
+        for call in calls:
+            network = call.__defaults__[0]  # forward_times' lambda network=..., image=...
+            timed.append((warmup, network.training, any(isinstance(module, torch.nn.BatchNorm2d)
+                                                        for module in network.modules())))
+        return [[0.01] * runs for _ in calls]
+
+    monkeypatch.setattr(timing, "interleaved_times", spy)
+    prune(tmp_path, "--pruning_ratio", 30, "--model_name", "timed", "--state_dict", pruned_mobilenet,
+          "--latency_runs", 2)
+    benchmark.main([str(pruned_mobilenet), str(tmp_path / "pruned" / "timed.pth"), "--size", "64", "--runs", "2",
+                    "--device", "cpu", "--output_dir", str(tmp_path)])
+    model, _ = load_model(pruned_mobilenet)
+
+    class Untiled:
+        tile = None
+
+    assert latency_per_image(model, Untiled, (64, 64), torch.device("cpu")) == pytest.approx(0.01)
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules()), "the caller's model changed"
+    assert len(timed) == 2 + 2 + 1
+    assert set(timed) == {(timing.WARMUP, False, False)}
 
 
 def test_the_seed_command_parses_as_written():
@@ -264,7 +322,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, pruned_mobilenet):
     (["--pruning_ratio", "-5"], "between 0 and 99"),
     (["--pruning_ratio", "0.5"], "unit is percent"),
     (["--pruning_ratio", "50", "--p_value", "0"], "--p_value"),
-    (["--pruning_ratio", "50", "--importance_type", "Random"], "unknown --importance_type"),
+    (["--pruning_ratio", "50", "--importance_type", "Entropy"], "unknown --importance_type"),
     (["--pruning_ratio", "50", "--importance_type", "Taylor"], "needs --data"),
     (["--pruning_ratio", "50", "--finetune_epochs", "1"], "needs --data"),
     (["--pruning_ratio", "50", "--importance_type", "Taylor", "--data", "x", "--calib_mode", "train",

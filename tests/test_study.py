@@ -1,5 +1,6 @@
-"""study.py: the grid's rows, test.py's numbers, resuming after kill -9, refusals; sensitivity; the
-training crop never larger than the images."""
+"""study.py: the grid's rows per seed with the dense and dense fine-tuned rows, mean/spread and the within-noise
+verdict, test.py's numbers, resuming after kill -9, refusals; sensitivity; the training crop never larger than the
+images."""
 import copy
 import os
 import signal
@@ -16,13 +17,14 @@ from utils import data, model as models
 from utils.cli import UserError
 from utils.losses import SegmentationLoss
 from utils.pruning import PruneData, prune_in_steps
-from utils.study import layers_outside, network_parts, variant_grid
+from utils.study import layers_outside, network_parts, summary_rows, table_rows, variant_grid
 
 
-def study_command(checkpoint, dataset_dir, out, name="grid", ratios=("30", "60")):
+def study_command(checkpoint, dataset_dir, out, name="grid", ratios=("30", "50")):
     return ["study.py", "--state_dict", checkpoint, "--data", dataset_dir / "train", "--val_data",
             dataset_dir / "val", "--test_data", dataset_dir / "test", "--pruning_ratio", *ratios,
-            "--importance_type", "Magnitude", "Taylor", "--finetune_epochs", "1", "--calib_batches", "1",
+            "--importance_type", "Magnitude", "Random", "--seeds", "1", "2", "--finetune_epochs", "1",
+            "--calib_batches", "1",
             "--batch_size", "2", "--crop_size", "64", "--measure_size", "64", "--latency_runs", "1",
             "--workers", "0", "--device", "cpu", "--name", name, "--output_dir", out]
 
@@ -56,23 +58,43 @@ def test_study_resumes_after_kill_and_matches_test_py(mobilenet_checkpoint, data
     first = folder / saved[0]
     first_written = first.stat().st_mtime_ns
 
-    result = run_script(*command)
+    result = run_script(*command, timeout=1800)  # ten runs; a shared CPU can be slow
     assert result.returncode == 0, result.stderr[-3000:]
     assert first.stat().st_mtime_ns == first_written, "the variant finished before the kill was pruned again"
     assert "reus" in result.stdout
 
     table = pd.read_csv(folder / "study.csv")
-    assert len(table) == 5  # the dense row and 2 criteria x 2 ratios
-    assert table["criterion"].iloc[0].startswith("dense")
-    assert sorted(table["pruning_ratio"].iloc[1:]) == [30, 30, 60, 60]
-    assert (table["gmacs"].iloc[1:] < table["gmacs"].iloc[0]).all()
-    assert (folder / "study.xlsx").is_file() and (folder / "study.png").is_file()
-    for name in table["variant"].iloc[1:]:
+    assert len(table) == 2 * (2 + 2 * 2)  # per seed: dense, dense fine-tuned, 2 criteria x 2 ratios
+    assert sorted(table["seed"]) == [1] * 6 + [2] * 6
+    for seed, rows in table.groupby("seed"):
+        assert rows["variant"].value_counts().to_dict() == {name: 1 for name in rows["variant"]}
+        assert {"dense", "dense_finetuned"} <= set(rows["variant"])
+        twin = rows.set_index("variant").loc["dense_finetuned"]
+        assert (rows["test_miou_change"] == rows["test_miou"] - twin["test_miou"]).all()
+    assert table.loc[table["variant"] == "dense", "criterion"].str.contains("untuned").all()
+    assert sorted(table.loc[table["pruning_ratio"] > 0, "pruning_ratio"]) == [30] * 4 + [50] * 4
+    pruned = table["pruning_ratio"] > 0
+    assert (table.loc[pruned, "gmacs"] < table.loc[~pruned, "gmacs"].min()).all()
+    assert (folder / "study.png").is_file()
+    summary = pd.read_excel(folder / "study.xlsx", sheet_name="summary", header=1)
+    assert len(summary) == 2 + 4 and (summary["seeds"] == 2).all()
+    for column in ("test mIoU", "test mIoU spread", "crack tolerance F1 spread", "mIoU change vs dense fine-tuned",
+                   "mIoU: vs dense"):
+        assert column in summary, column
+    per_seed = pd.read_excel(folder / "study.xlsx", sheet_name="per seed", header=1)
+    assert len(per_seed) == len(table)
+    for name in table.loc[pruned, "run"]:
         checkpoint = torch.load(folder / f"{name}.pth", map_location="cpu", weights_only=True)
         assert checkpoint["pruning"] and checkpoint["study"]["digest"]
+        assert checkpoint["study"]["seed"] == int(name.rsplit("seed", 1)[1])
+    twin = torch.load(folder / "dense_finetuned_seed2.pth", map_location="cpu", weights_only=True)
+    assert "pruning" not in twin and twin["study"]["seed"] == 2
+    random_runs = [torch.load(folder / f"random_50pct_1step_seed{seed}.pth", map_location="cpu",
+                              weights_only=True)["pruning"] for seed in (1, 2)]
+    assert random_runs[0] != random_runs[1], "the random control removed the same channels for both seeds"
 
-    row = table.iloc[3]
-    scored = run_script("test.py", dataset_dir / "test", "--weights", folder / f"{row['variant']}.pth", "--workers",
+    row = table[table["run"] == "random_50pct_1step_seed2"].iloc[0]
+    scored = run_script("test.py", dataset_dir / "test", "--weights", folder / f"{row['run']}.pth", "--workers",
                         "0", "--device", "cpu", "--output_dir", out / "tests")
     assert scored.returncode == 0, scored.stderr[-3000:]
     reported = pd.read_excel(out / "tests" / "model_test_results.xlsx", sheet_name="results").iloc[0]
@@ -81,12 +103,13 @@ def test_study_resumes_after_kill_and_matches_test_py(mobilenet_checkpoint, data
 
     assert not [path for path in folder.iterdir() if path.name.startswith(".tmp_")], "stale temporaries left"
     written = {name: (folder / name).stat().st_mtime_ns for name in checkpoints(folder)}
-    again = run_script(*command)
+    again = run_script(*command, timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished in an earlier run, reused") == 4
+    assert again.stdout.count("finished in an earlier run, reused") == 10  # 5 runs (twin + 4 variants) x 2 seeds
+    assert "pruning" not in again.stdout and "fine-tuning epoch" not in again.stdout
     assert {name: (folder / name).stat().st_mtime_ns for name in checkpoints(folder)} == written
 
-    changed = run_script(*study_command(mobilenet_checkpoint, dataset_dir, out, ratios=("30", "50")))
+    changed = run_script(*study_command(mobilenet_checkpoint, dataset_dir, out, ratios=("30", "60")))
     assert_user_error(changed, "other arguments", "pruning_ratio", "--overwrite")
 
 
@@ -96,6 +119,10 @@ def test_study_resumes_after_kill_and_matches_test_py(mobilenet_checkpoint, data
     (["--pruning_ratio", "50", "--importance_type", "Taylor"], "Taylor needs --data"),
     (["--pruning_ratio", "50", "--iterative_steps", "0"], "--iterative_steps must be at least 1"),
     (["--pruning_ratio", "50", "--importance_type"], "expected at least one argument"),
+    (["--pruning_ratio", "30", "50", "--seeds", "1", "2", "1"], "--seeds repeats 1"),
+    (["--pruning_ratio", "50", "--seeds"], "expected at least one argument"),
+    (["--pruning_ratio", "50", "--importance_type", "Magnitude", "Random", "--p_value", "1", "2"],
+     "Random has no norm"),
 ])
 def test_bad_grids_are_refused_in_one_line(mobilenet_checkpoint, dataset_dir, tmp_path, options, fragment):
     result = run_script("study.py", "--state_dict", mobilenet_checkpoint, "--test_data", dataset_dir / "test",
@@ -105,13 +132,43 @@ def test_bad_grids_are_refused_in_one_line(mobilenet_checkpoint, dataset_dir, tm
 
 
 def test_grid_gives_p_only_to_criteria_that_have_a_norm():
-    class Args:
-        importance_type, p_value, pruning_ratio, iterative_steps = ["magnitude", "Taylor"], [1, 2], [20, 40], [1, 5]
-
-    grid = variant_grid(Args)
+    grid = variant_grid(["magnitude", "Taylor"], [1, 2], [20, 40], [1, 5])
     assert len(grid) == 2 * 2 * 2 + 2 * 2
     assert {variant.p_value for variant in grid if variant.importance == "Taylor"} == {None}
     assert len({variant.name for variant in grid}) == len(grid)
+
+
+def test_grid_takes_random_as_a_control_without_a_norm():
+    grid = variant_grid(["Magnitude", "random"], [1], [30, 50], [1])
+    assert [variant.name for variant in grid] == ["magnitude_l1_30pct_1step", "magnitude_l1_50pct_1step",
+                                                  "random_30pct_1step", "random_50pct_1step"]
+    with pytest.raises(UserError, match="the grid is empty"):
+        variant_grid([], [2], [30], [1])
+
+
+def _run(variant, seed, miou, f1, ratio=50.0):
+    return {"variant": variant, "run": f"{variant}_seed{seed}", "seed": seed, "criterion": variant, "p_value": None,
+            "pruning_ratio": ratio, "steps": 1, "family": variant, "macs": 2e9, "params": 1e6, "best_epoch": 1,
+            "val_miou": miou, "test_miou": miou, "crack_iou": f1, "crack_tolerance_f1": f1}
+
+
+def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_within_noise():
+    rows = [_run("dense", 1, 0.50, 0.30, 0.0), _run("dense", 2, 0.50, 0.30, 0.0),
+            _run("dense_finetuned", 1, 0.60, 0.40, 0.0), _run("dense_finetuned", 2, 0.64, 0.44, 0.0),
+            _run("close", 1, 0.61, 0.20), _run("close", 2, 0.62, 0.22),     # +0.005 mIoU, spread 0.028
+            _run("worse", 1, 0.40, 0.41), _run("worse", 2, 0.41, 0.45)]     # -0.215 mIoU
+    table = table_rows(rows)
+    assert [row["test_miou_change"] for row in table[:2]] == pytest.approx([-0.10, -0.14])  # dense vs its twin
+    summary = {row["variant"]: row for row in summary_rows(table)}
+    assert summary["close"]["test_miou_mean"] == pytest.approx(0.615)
+    assert summary["close"]["test_miou_spread"] == pytest.approx(0.01 / 2 ** 0.5)
+    assert summary["close"]["test_miou_change_mean"] == pytest.approx(-0.005)
+    assert summary["close"]["test_miou_verdict"] == "within noise"  # twin spread 0.028 > 0.005
+    assert summary["worse"]["test_miou_verdict"] == "below dense (beyond noise)"
+    assert summary["close"]["crack_tolerance_f1_verdict"] == "below dense (beyond noise)"
+    assert summary["dense_finetuned"]["test_miou_verdict"] == "reference"
+    single = summary_rows(table_rows([row for row in rows if row["seed"] == 1]))
+    assert {row["test_miou_verdict"] for row in single} == {"reference", "one seed: no spread"}
 
 
 def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):

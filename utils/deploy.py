@@ -24,7 +24,7 @@ from utils.cli import UserError, default_name, device_name, progress_enabled, re
 from utils.files import replace_atomically
 from utils.model import count_macs, fold_batchnorm, forward_logits, strip_aux_head
 from utils.report import write_csv
-from utils.timing import interleaved_times, time_calls
+from utils.timing import forward_times, interleaved_times, time_calls
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FLOAT32_MAX_DIFF = 1e-3      # acceptance bound for a float32 graph; float16 graphs are judged by argmax only
@@ -229,9 +229,7 @@ def _onnx_calls(variants, folder, device):
 def time_variants(variants, runs, warmup, device, onnx=False):
     """Rows of every variant (PyTorch, then onnxruntime with onnx=True), timed in interleaved rounds."""
     batch = variants[0].facts["batch"]
-    with torch.inference_mode():
-        calls = [lambda variant=variant: variant.network(variant.image) for variant in variants]
-        times = interleaved_times(calls, runs, warmup, device)
+    times = forward_times([v.network for v in variants], [v.image for v in variants], runs, warmup, device)
     rows = [latency_row(v.label, "pytorch", v.facts, seconds, batch) for v, seconds in zip(variants, times)]
     if onnx:
         with tempfile.TemporaryDirectory() as folder:

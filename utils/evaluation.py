@@ -27,6 +27,7 @@ from utils.model import (build, count_macs, count_parameters, default_stride, fo
                          tile_windows)
 from utils.recipe import eval_loader
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
+from utils.timing import deployed_latencies
 
 COMPARISON_WORKBOOK = "model_test_results.xlsx"
 # Facts torchvision_pruning.py stores in a pruned checkpoint, with their summary-sheet labels.
@@ -75,14 +76,27 @@ def _versions(device):
     return versions
 
 
+def window_layout(args, image_size):
+    """(forwards per image, their (height, width)): the whole image, or the windows of a tiled run."""
+    if not args.tile:
+        return 1, tuple(image_size)
+    (tops, side_h), (lefts, side_w) = (tile_windows(length, args.tile, args.stride or default_stride(args.tile))
+                                       for length in image_size)
+    return len(tops) * len(lefts), (side_h, side_w)
+
+
 def macs_per_image(model, args, image_size, device):
     """MACs the network spends on one image (of image_size): for a tiled run the sum over all its windows, so
     the figure stands beside the per-image latency."""
-    if not args.tile:
-        return count_macs(model, image_size, device=device)[0]
-    (tops, side_h), (lefts, side_w) = (tile_windows(length, args.tile, args.stride or default_stride(args.tile))
-                                       for length in image_size)
-    return len(tops) * len(lefts) * count_macs(model, (side_h, side_w), device=device)[0]
+    windows, size = window_layout(args, image_size)
+    return windows * count_macs(model, size, device=device)[0]
+
+
+def latency_per_image(model, args, image_size, device):
+    """Seconds per image as utils.timing measures every latency (deployed network, batch 1, warm-up, median of
+    interleaved rounds), times the windows of a tiled run: the same figure benchmark.py and study.py give."""
+    windows, size = window_layout(args, image_size)
+    return windows * deployed_latencies([model], size, device)[0]
 
 
 def model_facts(model, metadata, input_size, device):
@@ -152,12 +166,14 @@ def collect_metrics(result, tolerance_px):
     return rows, scores, lt
 
 
-def timing_rows(result, batch_size):
-    images, model_seconds = result.images, max(result.forward_seconds, 1e-12)
+LATENCY_LABEL = "latency per image (ms, deployed network, batch 1, median)"
+
+
+def timing_rows(result, latency_seconds):
     return [
-        (f"mean latency per image (ms, batch {batch_size})", 1000 * model_seconds / images, False),
-        ("images per second (model)", images / model_seconds, False),
-        ("images per second (whole loop, with data and metrics)", images / max(result.seconds, 1e-12), False),
+        (LATENCY_LABEL, 1000 * latency_seconds, False),
+        ("images per second (deployed network, batch 1)", 1 / latency_seconds, False),
+        ("images per second (whole loop, with data and metrics)", result.images / max(result.seconds, 1e-12), False),
         ("evaluation time (s)", result.seconds, False),
     ]
 
@@ -259,8 +275,8 @@ def comparison_row(args, metadata, facts, device, result, scores, lt):
            "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": args.lt_tolerance,
            "pixel accuracy": scores["pixel_accuracy"]}
     row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(data.CLASS_NAMES)})
-    row.update({"latency per image (ms)": 1000 * result.forward_seconds / result.images,
-                "images/s": result.images / max(result.forward_seconds, 1e-12), "device": device_name(device)})
+    row.update({"latency per image (ms)": 1000 * facts["latency_seconds"], "images/s": 1 / facts["latency_seconds"],
+                "device": device_name(device)})
     return row
 
 
@@ -346,8 +362,9 @@ def run(args):
                                 args.stride, args.lt_tolerance, on_prediction=writer, progress=True,
                                 tile_batch=args.tile_batch)
         metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
+        facts["latency_seconds"] = latency_per_image(model, args, facts["image_size"], device)
         summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,
-                               timing_rows(result, args.batch_size), scores)
+                               timing_rows(result, facts["latency_seconds"]), scores)
         per_class = per_class_frame(scores)
         counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy())
         write_reports(outputs, args.name, summary, per_class, per_image_frame(result, dataset), counts, normalised)

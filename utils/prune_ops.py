@@ -14,8 +14,9 @@ from utils.cli import UserError, percent_or_fraction_hint
 from utils.model import eval_mode, head_layers
 
 EXAMPLE_SIZE = 64
-# --importance_type choices: the seed's two, plus torch-pruning's criteria that need nothing but the weights.
-IMPORTANCES = ("Magnitude", "Taylor", "LAMP", "BNScale", "FPGM")
+# --importance_type choices: the seed's two, torch-pruning's criteria that need nothing but the weights, and Random,
+# the control every criterion has to beat at the same ratio to be worth its cost.
+IMPORTANCES = ("Magnitude", "Taylor", "LAMP", "BNScale", "FPGM", "Random")
 USES_P_VALUE = ("Magnitude", "LAMP", "FPGM")
 
 
@@ -90,8 +91,22 @@ def importance_name(name):
     return by_lower[str(name).lower()]
 
 
-def make_importance(name, p_value=2):
-    """A torch-pruning importance criterion; p_value is the norm of the magnitude-based ones (1 = L1, 2 = L2)."""
+class SeededRandomImportance(tp.importance.RandomImportance):
+    """torch-pruning's random criterion drawing from a generator of its own: the same seed removes the same channels,
+    whatever else drew from torch's global generator before (data loading, tracing inputs)."""
+
+    def __init__(self, seed):
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs):
+        _, indices = group[0]
+        return torch.rand(len(indices), generator=self.generator)
+
+
+def make_importance(name, p_value=2, seed=0):
+    """A torch-pruning importance criterion; p_value is the norm of the magnitude-based ones (1 = L1, 2 = L2),
+    seed the generator of Random's scores."""
     name = importance_name(name)
     if isinstance(p_value, bool) or not isinstance(p_value, int) or p_value < 1:
         raise UserError(f"--p_value must be a positive integer (1 = L1, 2 = L2), got {p_value}")
@@ -103,6 +118,8 @@ def make_importance(name, p_value=2):
         return tp.importance.LAMPImportance(p=p_value)
     if name == "FPGM":
         return tp.importance.FPGMImportance(p=p_value)
+    if name == "Random":
+        return SeededRandomImportance(seed)
     return tp.importance.BNScaleImportance()
 
 

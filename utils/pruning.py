@@ -7,7 +7,6 @@ parameters are those of the deployed network (auxiliary head dropped), as test.p
 """
 import copy
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from utils.prune_ops import (USES_P_VALUE, build_pruner, importance_name, json_h
                              taylor_gradients)
 from utils.recipe import build_optimizer, eval_loader, make_criterion, poly_scheduler, seed_everything, train_loader
 from utils.report import write_csv
-from utils.timing import interleaved_times
+from utils.timing import deployed_latencies
 
 
 def load_for_pruning(state_dict=None, arch=None, init=None, allow_pickle=False):
@@ -165,8 +164,9 @@ def prune_in_steps(model, args, prepared, context, on_step, ignored_layers=()):
     ignored_layers are left whole (the study's sensitivity prunes one part at a time).
     """
     kind = importance_name(args.importance_type)
-    pruner = build_pruner(model, make_importance(kind, args.p_value), ratio_fraction(args.pruning_ratio),
-                          args.iterative_steps, args.global_pruning, args.round_to, ignored_layers)
+    pruner = build_pruner(model, make_importance(kind, args.p_value, args.seed),
+                          ratio_fraction(args.pruning_ratio), args.iterative_steps, args.global_pruning,
+                          args.round_to, ignored_layers)
 
     def gradients():
         batches = [next(prepared.calibration) for _ in range(args.calib_batches)]
@@ -184,18 +184,6 @@ def prune_in_steps(model, args, prepared, context, on_step, ignored_layers=()):
         on_step(step, round(100 * pruner.per_step_pruning_ratio[step], 2), time.perf_counter() - started,
                 miou_pruned)
     return json_history(pruner.pruning_history())
-
-
-def median_latencies(networks, size, runs, device):
-    """Median batch-1 forward seconds of each network at size x size, timed in interleaved rounds."""
-    image = torch.randn(1, 3, size, size, device=device)
-    calls = []
-    for network in networks:
-        network.eval()
-        calls.append(lambda network=network: network(image))
-    with torch.inference_mode():
-        times = interleaved_times(calls, runs, 1, device)
-    return [statistics.median(seconds) for seconds in times]
 
 
 def run(args):
@@ -243,15 +231,15 @@ def run(args):
 
 
 def _measure(dense, pruned, args, device):
-    """MACs and parameters of the deployed networks (aux head dropped), and their interleaved latency."""
+    """MACs and parameters of the deployed networks (aux head dropped), and their latency as utils.timing measures
+    every latency (BatchNorm folded, warm-up, median of interleaved rounds)."""
     facts = {}
     for prefix, network in (("dense_", dense), ("", pruned)):
         facts[f"{prefix}macs"], facts[f"{prefix}params"] = models.count_macs(network, args.measure_size, device)
     facts["dense_latency_seconds"] = facts["latency_seconds"] = None
     if args.latency_runs:
-        deployed = [models.strip_aux_head(copy.deepcopy(network)) for network in (dense, pruned)]
-        facts["dense_latency_seconds"], facts["latency_seconds"] = median_latencies(
-            deployed, args.measure_size, args.latency_runs, device)
+        facts["dense_latency_seconds"], facts["latency_seconds"] = deployed_latencies(
+            [dense, pruned], args.measure_size, device, args.latency_runs)
     return facts
 
 
@@ -272,6 +260,7 @@ def final_line(facts, size, device):
             f"({100 * params / dense_params:.1f}%) at {size}x{size} (deployed network, aux head dropped)")
     if facts["latency_seconds"] is not None:
         dense_latency, latency = facts["dense_latency_seconds"], facts["latency_seconds"]
-        line += (f"; latency {1000 * dense_latency:.1f} -> {1000 * latency:.1f} ms "
-                 f"({dense_latency / latency:.2f}x faster, median, batch 1, {torch.device(device).type})")
+        line += (f"; latency {1000 * dense_latency:.1f} -> {1000 * latency:.1f} ms ({dense_latency / latency:.2f}x "
+                 f"faster; deployed: BatchNorm folded, median of interleaved rounds, batch 1, "
+                 f"{torch.device(device).type})")
     return line

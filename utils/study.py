@@ -1,19 +1,28 @@
-"""The pruning study behind study.py: every criterion x p x ratio x schedule pruned, fine-tuned, scored on the test
-split as test.py scores it, timed beside the dense network, tabulated and plotted; resumable after a kill.
+"""The pruning study behind study.py: every criterion x p x ratio x schedule, each repeated per seed, pruned,
+fine-tuned, scored on the test split as test.py scores it, timed as every latency is timed, and compared with a
+dense twin fine-tuned by the same recipe; tabulated per seed and as mean and spread, plotted; resumable after a kill.
 
 Floor 6 (docs/ARCHITECTURE.md): the pruning, fine-tuning and validation are utils.pruning's, the scoring is
-utils.evaluation's (so study.csv matches test.py to the last digit), the timing utils.deploy's (benchmark.py's
-interleaved rounds). This module only walks the grid, keeps the manifest and writes the tables and figures.
+utils.evaluation's (so study.csv matches test.py to the last digit), the latency utils.timing's (the one measure
+benchmark.py, torchvision_pruning.py and test.py use). This module only walks the grid, keeps the manifest and
+writes the tables and figures.
 
-Resuming: OUTPUT_DIR/studies/NAME/study.json holds the normalised arguments and every finished variant, replaced
-atomically after each one; a variant checkpoint carries the digest of those arguments, so one that was saved but not
-yet scored when the run was killed is scored, not pruned again.
+Fair comparison: every pruned variant is fine-tuned for --finetune_epochs, so the dense network gets a twin
+("dense fine-tuned") fine-tuned from the same weights with the same recipe, epochs and seed; every change against
+dense is taken against that twin, seed by seed. The untuned dense row stays in the table, labelled as such.
+
+Noise: each variant and the twin run once per --seeds value (pruning randomness, Taylor's calibration batches,
+crops and the order of fine-tuning batches all follow the seed). A mean change against the twin no larger than the
+spread (the larger sample standard deviation over seeds of the variant and of the twin) is marked within noise.
+
+Resuming: OUTPUT_DIR/studies/NAME/study.json holds the normalised arguments and every finished (variant, seed),
+replaced atomically after each one; a checkpoint carries the digest of those arguments, so one that was saved but
+not yet scored when the run was killed is scored, not pruned again.
 """
-import argparse
 import copy
+import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +32,95 @@ import torch
 from matplotlib import pyplot as plt
 
 from utils import data, model as models
-from utils.checkpoint import load_for_inference, make_checkpoint, read_checkpoint, save_atomic
+from utils.checkpoint import load_for_inference, load_model, make_checkpoint, read_checkpoint, save_atomic
 from utils.cli import UserError, device_name, plain_name, require_path, resolve_device
-from utils.deploy import prepare_variant, time_variants
 from utils.distributed import DistContext
 from utils.evaluation import collect_metrics, evaluate_split
 from utils.files import refuse_existing, replace_atomically
 from utils.prune_ops import USES_P_VALUE, importance_name, ratio_fraction
-from utils.pruning import finetune, load_for_pruning, prepare_data, prune_in_steps, validation_miou
-from utils.recipe import seed_everything
+from utils.pruning import (endless_batches, finetune, load_for_pruning, prepare_data, prune_in_steps,
+                           validation_miou)
+from utils.recipe import seed_everything, train_loader
 from utils.report import Table, write_csv, write_workbook
+from utils.timing import ROUNDS, WARMUP, deployed_latencies
 
 MANIFEST = "study.json"
-OUTPUT_FILES = ("study.json", "study.csv", "study.xlsx", "study.png", "sensitivity.csv", "sensitivity.png")
+OUTPUT_FILES = ("study.json", "study.csv", "study_summary.csv", "study.xlsx", "study.png", "sensitivity.csv",
+                "sensitivity.png")
 # The arguments that make a study what it is; a rerun under the same --name must repeat them.
 SETTINGS = ("state_dict", "data", "val_data", "test_data", "importance_type", "p_value", "pruning_ratio",
             "iterative_steps", "global_pruning", "round_to", "finetune_epochs", "step_finetune_epochs",
             "calib_batches", "calib_mode", "batch_size", "crop_size", "lr", "optimizer", "weight_decay", "loss",
-            "measure_size", "lt_tolerance", "seed")
+            "measure_size", "lt_tolerance", "seeds")
 PATH_SETTINGS = ("state_dict", "data", "val_data", "test_data")
+DENSE, TWIN = "dense", "dense_finetuned"
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """study.py's options as plain values: everything below the script reads these, never the Namespace."""
+    state_dict: str
+    allow_pickle: bool
+    pruning_ratio: tuple
+    importance_type: tuple
+    p_value: tuple
+    iterative_steps: tuple
+    global_pruning: bool
+    round_to: int | None
+    sensitivity: bool
+    data: str | None
+    val_data: str | None
+    test_data: str | None
+    finetune_epochs: int
+    step_finetune_epochs: int
+    calib_batches: int
+    calib_mode: str
+    batch_size: int
+    crop_size: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    loss: str
+    name: str
+    lt_tolerance: int
+    measure_size: int
+    latency_runs: int
+    output_dir: str
+    overwrite: bool
+    device: str
+    workers: int
+    seeds: tuple
+
+    @classmethod
+    def from_namespace(cls, args):
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+    @property
+    def seed(self):
+        """The first seed: prepare_data's loaders and the sensitivity runs take one."""
+        return self.seeds[0]
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What utils.pruning's prune_in_steps and finetune read for one (variant, seed), under torchvision_pruning.py's
+    option names: --finetune_epochs here is the fine-tuning after each step of a schedule of several steps."""
+    importance_type: str
+    p_value: int
+    pruning_ratio: float
+    iterative_steps: int
+    global_pruning: bool
+    round_to: int | None
+    finetune_epochs: int
+    calib_batches: int
+    calib_mode: str
+    seed: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    workers: int
 
 
 @dataclass(frozen=True)
@@ -64,32 +143,67 @@ class Variant:
         return f"{self.importance}{norm}, {self.steps} step{'s' if self.steps > 1 else ''}"
 
 
-def variant_grid(args):
+def run_name(variant_name, seed):
+    """The manifest key and checkpoint stem of one (variant, seed): 'magnitude_l2_30pct_1step_seed1'."""
+    return f"{variant_name}_seed{seed}"
+
+
+def prune_options(options, variant, seed):
+    """torchvision_pruning.py's options for one variant and seed, from the study's."""
+    return PruneOptions(
+        importance_type=variant.importance, p_value=variant.p_value or 2, pruning_ratio=variant.ratio,
+        iterative_steps=variant.steps, global_pruning=options.global_pruning, round_to=options.round_to,
+        finetune_epochs=options.step_finetune_epochs if variant.steps > 1 else 0,
+        calib_batches=options.calib_batches, calib_mode=options.calib_mode, seed=seed, optimizer=options.optimizer,
+        lr=options.lr, weight_decay=options.weight_decay, batch_size=options.batch_size, workers=options.workers)
+
+
+def check_seeds(seeds):
+    """Distinct, non-negative seeds: a repeated one would count the same run twice in the spread."""
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:
+        raise UserError(f"--seeds repeats {repeated[0]}: each seed runs every variant once, so a repeat would count "
+                        f"one run twice in the spread; give distinct seeds (e.g. --seeds 1 2 3)")
+    if any(seed < 0 for seed in seeds):
+        raise UserError(f"--seeds must be non-negative integers, got {min(seeds)}")
+    return list(seeds)
+
+
+def variant_grid(importance_type, p_value, pruning_ratio, iterative_steps):
     """The variants in the order they run, each checked; a bad value or an empty grid is a one-line UserError."""
-    criteria = list(dict.fromkeys(importance_name(name) for name in args.importance_type))
-    for ratio in args.pruning_ratio:
+    criteria = list(dict.fromkeys(importance_name(name) for name in importance_type))
+    for ratio in pruning_ratio:
         ratio_fraction(ratio)
         if ratio == 0:
-            raise UserError("--pruning_ratio 0 prunes nothing; the dense row is in the study anyway")
-    for option, lowest in (("p_value", 1), ("iterative_steps", 1)):
-        bad = [value for value in getattr(args, option) if value < lowest]
+            raise UserError("--pruning_ratio 0 prunes nothing; the dense rows are in the study anyway")
+    for option, values in (("p_value", p_value), ("iterative_steps", iterative_steps)):
+        bad = [value for value in values if value < 1]
         if bad:
-            raise UserError(f"--{option} must be at least {lowest}, got {bad[0]}")
+            raise UserError(f"--{option} must be at least 1, got {bad[0]}")
+    norms = list(dict.fromkeys(p_value))
+    if "Random" in criteria and len(norms) > 1:
+        raise UserError(f"--importance_type Random has no norm, so a --p_value sweep ({' '.join(map(str, norms))}) "
+                        f"gives its control no matching rows; sweep the norm without Random, or give one --p_value")
     grid = []
     for importance in criteria:
-        norms = list(dict.fromkeys(args.p_value)) if importance in USES_P_VALUE else [None]
-        grid += [Variant(importance, p, float(ratio), steps) for p in norms
-                 for steps in dict.fromkeys(args.iterative_steps) for ratio in dict.fromkeys(args.pruning_ratio)]
+        for p in (norms if importance in USES_P_VALUE else [None]):
+            grid += [Variant(importance, p, float(ratio), steps) for steps in dict.fromkeys(iterative_steps)
+                     for ratio in dict.fromkeys(pruning_ratio)]
     if not grid:
         raise UserError("the grid is empty: give at least one --importance_type, --pruning_ratio and "
                         "--iterative_steps")
     return grid
 
 
+def options_grid(options):
+    return variant_grid(options.importance_type, options.p_value, options.pruning_ratio, options.iterative_steps)
+
+
 def check_args(args):
     """Every check that needs no file, before anything is loaded: one line and exit 2 each."""
     plain_name(args.name, "--name")
-    grid = variant_grid(args)
+    grid = variant_grid(args.importance_type, args.p_value, args.pruning_ratio, args.iterative_steps)
+    check_seeds(args.seeds)
     if any(variant.importance == "Taylor" for variant in grid) and not args.data:
         raise UserError("--importance_type Taylor needs --data TRAIN_DIR: its ranking uses gradients of the real "
                         "loss on training images")
@@ -116,14 +230,15 @@ def check_args(args):
     return grid
 
 
-def study_settings(args):
-    """The arguments that define the study, normalised (absolute paths, canonical criterion names)."""
-    settings = {key: getattr(args, key) for key in SETTINGS}
+def study_settings(options):
+    """The arguments that define the study, normalised (absolute paths, canonical criterion names, lists)."""
+    settings = {key: getattr(options, key) for key in SETTINGS}
+    settings = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
     for key in PATH_SETTINGS:
         settings[key] = str(Path(settings[key]).resolve()) if settings[key] else None
-    settings["state_dict_sha256"] = file_digest(args.state_dict)  # the same path after retraining is another study
-    settings["importance_type"] = [importance_name(name) for name in args.importance_type]
-    settings["pruning_ratio"] = [float(ratio) for ratio in args.pruning_ratio]
+    settings["state_dict_sha256"] = file_digest(options.state_dict)  # the same path after retraining: another study
+    settings["importance_type"] = [importance_name(name) for name in options.importance_type]
+    settings["pruning_ratio"] = [float(ratio) for ratio in options.pruning_ratio]
     return settings
 
 
@@ -152,17 +267,13 @@ def open_study(folder, settings, overwrite):
     """The manifest to continue (same arguments), or a new one: --overwrite starts again, and other arguments than
     the ones the study was run with need it."""
     manifest_path = Path(folder) / MANIFEST
-    fresh = {"settings": settings, "digest": digest(settings), "dense": None, "variants": {}, "sensitivity": {}}
+    fresh = {"settings": settings, "digest": digest(settings), "dense": None, "runs": {}, "sensitivity": {}}
     if manifest_path.is_file() and not overwrite:
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise UserError(f"{manifest_path} is damaged ({str(error).splitlines()[0][:80]}), so the study cannot "
-                            f"resume; pass --overwrite to start it again, or choose another --name") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings", {}), dict):
-            raise UserError(f"{manifest_path} is damaged (not a study manifest), so the study cannot resume; pass "
-                            f"--overwrite to start it again, or choose another --name")
-        if manifest is not None and manifest.get("settings") == settings:
+        except (ValueError, UnicodeDecodeError):
+            manifest = None
+        if manifest is not None and manifest.get("settings") == settings and "runs" in manifest:
             return manifest
         changed = sorted(key for key in settings if manifest is None or
                          manifest.get("settings", {}).get(key) != settings[key])
@@ -181,18 +292,10 @@ def save_manifest(folder, manifest):
     replace_atomically(str(Path(folder) / MANIFEST), lambda temporary: Path(temporary).write_text(text))
 
 
-def variant_args(args, variant):
-    """torchvision_pruning.py's options for one variant: its --finetune_epochs is the study's per-step fine-tuning,
-    done after each step of a schedule of several steps."""
-    return argparse.Namespace(**{**vars(args), "importance_type": variant.importance,
-                                 "p_value": variant.p_value or 2, "pruning_ratio": variant.ratio,
-                                 "iterative_steps": variant.steps,
-                                 "finetune_epochs": args.step_finetune_epochs if variant.steps > 1 else 0})
-
-
-def finetune_best(model, prepared, args, context, epochs):
+def finetune_best(model, prepared, tuning, context, epochs):
     """Fine-tune for `epochs` and keep the best epoch by val mIoU (epoch 0, the untuned network, included, so
-    fine-tuning never makes a variant worse); returns (best epoch, its val mIoU)."""
+    fine-tuning never makes a variant worse); returns (best epoch, its val mIoU). The batch order follows
+    tuning.seed."""
     best = {"epoch": 0, "miou": validation_miou(model, prepared, context.device), "state": None}
 
     def on_epoch(epoch):
@@ -203,27 +306,27 @@ def finetune_best(model, prepared, args, context, epochs):
 
     if epochs:
         untuned = copy.deepcopy(model.state_dict())
-        finetune(model, prepared, args, context, epochs, args.seed + 1000, on_epoch)
+        finetune(model, prepared, tuning, context, epochs, tuning.seed + 1000, on_epoch)
         model.load_state_dict(best["state"] if best["state"] is not None else untuned)
     return best["epoch"], best["miou"]
 
 
-def score_checkpoint(path, test_set, args):
+def score_checkpoint(path, test_set, options):
     """test.py's numbers for a checkpoint: the same loading, BatchNorm folding, loop and metric code."""
-    model, _ = load_for_inference(path, device=args.device, allow_pickle=args.allow_pickle)
+    model, _ = load_for_inference(path, device=options.device, allow_pickle=options.allow_pickle)
     model = models.strip_aux_head(model)
     models.fold_batchnorm(model.eval())
-    result = evaluate_split(model, test_set, torch.device(args.device), 1, args.workers,
-                            tolerance_px=args.lt_tolerance)
-    _, scores, lt = collect_metrics(result, args.lt_tolerance)
+    result = evaluate_split(model, test_set, torch.device(options.device), 1, options.workers,
+                            tolerance_px=options.lt_tolerance)
+    _, scores, lt = collect_metrics(result, options.lt_tolerance)
     return {"test_miou": float(scores["mean_iou"]), "crack_iou": float(scores["iou"][data.CRACK_ID]),
             "crack_tolerance_f1": float(lt["lt_f1"])}
 
 
 @dataclass
 class Study:
-    """What every variant of one run shares."""
-    args: argparse.Namespace
+    """What every (variant, seed) of one run shares."""
+    options: StudyOptions
     folder: Path
     manifest: dict
     context: DistContext
@@ -235,8 +338,17 @@ class Study:
     test_set: object = None
 
 
+def seeded_data(prepared, seed, options, context):
+    """The shared datasets with Taylor's calibration batches drawn in this seed's order, so a (variant, seed)
+    ranks channels on the same batches whatever ran before it (and after a resume)."""
+    if prepared.train_set is None:
+        return prepared
+    loader = train_loader(prepared.train_set, options.batch_size, options.workers, seed, context)
+    return dataclasses.replace(prepared, calibration=endless_batches(loader))
+
+
 def _reusable(path, study):
-    """A variant checkpoint this study saved (same arguments) before it was killed, or None."""
+    """A checkpoint this study saved (same arguments) before it was killed, or None."""
     if not path.is_file():
         return None
     try:
@@ -247,207 +359,337 @@ def _reusable(path, study):
     return checkpoint if facts.get("digest") == study.manifest["digest"] else None
 
 
-def prune_variant(variant, study, path):
-    """Prune, fine-tune (best epoch) and save one variant; returns its facts."""
-    args, device = study.args, study.context.device
+def prune_variant(variant, seed, study, path):
+    """Prune (variant None: the dense twin, not pruned), fine-tune (best epoch) and save one run; its facts."""
+    options, device = study.options, study.context.device
     model = copy.deepcopy(study.dense).to(device)
-    vargs = variant_args(args, variant)
-    seed_everything(args.seed)
+    tuning = prune_options(options, variant or Variant("Magnitude", None, 0.0, 1), seed)
+    prepared = seeded_data(study.prepared, seed, options, study.context)
+    seed_everything(seed)
+    history = study.history
+    if variant is not None:
+        def on_step(step, percent, seconds, _):
+            print(f"  step {step}/{variant.steps}: {percent:g}% of channels removed so far ({seconds:.0f} s)",
+                  flush=True)
 
-    def on_step(step, percent, seconds, _):
-        print(f"  step {step}/{variant.steps}: {percent:g}% of channels removed so far ({seconds:.0f} s)", flush=True)
-
-    history = study.history + prune_in_steps(model, vargs, study.prepared, study.context, on_step)
-    best_epoch, val_miou = finetune_best(model, study.prepared, vargs, study.context, args.finetune_epochs)
-    macs, params = models.count_macs(model, args.measure_size, device)
+        history = history + prune_in_steps(model, tuning, prepared, study.context, on_step)
+    best_epoch, val_miou = finetune_best(model, prepared, tuning, study.context, options.finetune_epochs)
+    macs, params = models.count_macs(model, options.measure_size, device)
     facts = {"best_epoch": best_epoch, "val_miou": val_miou, "macs": macs, "params": params}
+    pruning = {} if variant is None else {
+        "pruning_ratio": variant.ratio, "importance": variant.importance, "p_value": variant.p_value or 2,
+        "iterative_steps": variant.steps, "finetune_epochs": tuning.finetune_epochs,
+        "global_pruning": options.global_pruning, "round_to": options.round_to}
     save_atomic(make_checkpoint(
-        model, study.arch, pruning=history, pruning_ratio=variant.ratio, importance=variant.importance,
-        p_value=variant.p_value or 2, iterative_steps=variant.steps, finetune_epochs=vargs.finetune_epochs,
-        global_pruning=args.global_pruning, round_to=args.round_to, source=study.source,
-        measure_size=args.measure_size, study={"name": args.name, "digest": study.manifest["digest"], **facts}),
-        path)
+        model, study.arch, pruning=history or None, **pruning, source=study.source, measure_size=options.measure_size,
+        study={"name": options.name, "digest": study.manifest["digest"], "seed": seed, **facts}), path)
     return facts
 
 
-def run_variant(variant, study):
-    """One variant from its checkpoint if this study already saved it, else pruned now; scored on the test split."""
-    path = study.folder / f"{variant.name}.pth"
+def describe(variant):
+    """(variant, criterion, p, ratio, steps, family) of a row; None is the dense fine-tuned twin."""
+    if variant is None:
+        return {"variant": TWIN, "criterion": "dense fine-tuned (reference)", "p_value": None,
+                "pruning_ratio": 0.0, "steps": 0, "family": "dense fine-tuned"}
+    return {"variant": variant.name, "criterion": variant.importance, "p_value": variant.p_value,
+            "pruning_ratio": variant.ratio, "steps": variant.steps, "family": variant.family}
+
+
+def run_variant(variant, seed, study):
+    """One (variant, seed) from its checkpoint if this study already saved it, else made now; scored on the test
+    split. variant None is the dense fine-tuned twin."""
+    described = describe(variant)
+    key = run_name(described["variant"], seed)
+    path = study.folder / f"{key}.pth"
     saved = _reusable(path, study)
     if saved is not None:
-        print(f"{variant.name}: reusing {path} (saved before the last run stopped)", flush=True)
+        print(f"{key}: reusing {path} (saved before the last run stopped)", flush=True)
         facts = {key: saved["study"][key] for key in ("best_epoch", "val_miou", "macs", "params")}
     else:
-        print(f"{variant.name}: pruning {variant.ratio:g}% by {variant.family}", flush=True)
-        facts = prune_variant(variant, study, path)
-    scores = score_checkpoint(path, study.test_set, study.args)
-    print(f"{variant.name}: test mIoU {100 * scores['test_miou']:.2f}%, crack tolerance F1 "
+        what = "fine-tuning the dense network" if variant is None else f"pruning {variant.ratio:g}% by {variant.family}"
+        print(f"{key}: {what}, seed {seed}", flush=True)
+        facts = prune_variant(variant, seed, study, path)
+    scores = score_checkpoint(path, study.test_set, study.options)
+    print(f"{key}: test mIoU {100 * scores['test_miou']:.2f}%, crack tolerance F1 "
           f"{100 * scores['crack_tolerance_f1']:.2f}%, {facts['macs'] / 1e9:.2f} GMACs", flush=True)
-    return {"variant": variant.name, "criterion": variant.importance, "p_value": variant.p_value,
-            "pruning_ratio": variant.ratio, "steps": variant.steps, "family": variant.family, **facts, **scores}
+    return {**described, "run": key, "seed": seed, **facts, **scores}
 
 
 def dense_row(study):
-    """The dense network's row: its size and its test scores, from --state_dict as test.py reads it."""
-    macs, params = models.count_macs(study.dense, study.args.measure_size, study.context.device)
-    return {"variant": "dense", "criterion": "dense (unpruned)", "p_value": None, "pruning_ratio": 0.0, "steps": 0,
-            "family": "dense", "best_epoch": None, "val_miou": validation_miou(study.dense, study.prepared,
-                                                                              study.context.device),
-            "macs": macs, "params": params, **score_checkpoint(study.args.state_dict, study.test_set, study.args)}
+    """The untuned dense network's row: its size and its test scores, from --state_dict as test.py reads it."""
+    options = study.options
+    macs, params = models.count_macs(study.dense, options.measure_size, study.context.device)
+    return {"variant": DENSE, "criterion": "dense, untuned (as trained)", "p_value": None, "pruning_ratio": 0.0,
+            "steps": 0, "family": "dense", "best_epoch": None,
+            "val_miou": validation_miou(study.dense, study.prepared, study.context.device), "macs": macs,
+            "params": params, **score_checkpoint(options.state_dict, study.test_set, options)}
 
 
-def set_up(args):
+def set_up(options):
     """The study's folder, manifest, data and dense network."""
-    folder = Path(args.output_dir) / "studies" / plain_name(args.name, "--name")
-    manifest = open_study(folder, study_settings(args), args.overwrite)
+    folder = Path(options.output_dir) / "studies" / plain_name(options.name, "--name")
+    manifest = open_study(folder, study_settings(options), options.overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     save_manifest(folder, manifest)
-    context = DistContext(device=torch.device(args.device))
-    seed_everything(args.seed)
-    dense, arch, history, source = load_for_pruning(args.state_dict, allow_pickle=args.allow_pickle)
+    context = DistContext(device=torch.device(options.device))
+    seed_everything(options.seed)
+    dense, arch, history, source = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle)
     dense.to(context.device)
-    prepared = prepare_data(args, context)
-    study = Study(args, folder, manifest, context, prepared, dense, arch, history, source)
-    if args.test_data:
-        study.test_set = data.S2DSDataset(args.test_data, data.EvalTransform(), require_labels=True)
+    prepared = prepare_data(options, context)
+    study = Study(options, folder, manifest, context, prepared, dense, arch, history, source)
+    if options.test_data:
+        study.test_set = data.S2DSDataset(options.test_data, data.EvalTransform(), require_labels=True)
     return study
 
 
 def run(args):
-    """study.py: the grid (or, with --sensitivity, the per-part sensitivity), resumable; returns the rows."""
-    grid = variant_grid(args)
-    study = set_up(args)
-    if args.sensitivity:
+    """study.py: the grid (or, with --sensitivity, the per-part sensitivity), resumable; returns the per-seed rows."""
+    options = StudyOptions.from_namespace(args)
+    grid = options_grid(options)
+    study = set_up(options)
+    if options.sensitivity:
         return run_sensitivity(study, grid)
     if study.manifest["dense"] is None:
         study.manifest["dense"] = dense_row(study)
         save_manifest(study.folder, study.manifest)
-    for position, variant in enumerate(grid, start=1):
-        if variant.name in study.manifest["variants"]:
-            print(f"[{position}/{len(grid)}] {variant.name}: finished in an earlier run, reused", flush=True)
+    plan = [(variant, seed) for variant in [None, *grid] for seed in options.seeds]
+    for position, (variant, seed) in enumerate(plan, start=1):
+        key = run_name(describe(variant)["variant"], seed)
+        if key in study.manifest["runs"]:
+            print(f"[{position}/{len(plan)}] {key}: finished in an earlier run, reused", flush=True)
             continue
-        print(f"[{position}/{len(grid)}] ", end="")
-        study.manifest["variants"][variant.name] = run_variant(variant, study)
+        print(f"[{position}/{len(plan)}] ", end="")
+        study.manifest["runs"][key] = run_variant(variant, seed, study)
         save_manifest(study.folder, study.manifest)
-    rows = [study.manifest["dense"]] + [study.manifest["variants"][variant.name] for variant in grid]
-    add_latency(rows, study, grid)
+    rows = [{**study.manifest["dense"], "run": DENSE, "seed": seed} for seed in options.seeds]
+    rows += [study.manifest["runs"][run_name(describe(variant)["variant"], seed)] for variant, seed in plan]
+    add_latency(rows, study)
     write_outputs(rows, study)
     return rows
 
 
-def add_latency(rows, study, grid):
-    """Median batch-1 latency of the dense network and every variant, deployed as benchmark.py deploys them
-    (aux head dropped, BatchNorm folded) and timed in interleaved rounds in this process; speed-up over dense."""
-    args = study.args
-    if not args.latency_runs:
+def add_latency(rows, study):
+    """Latency of the dense network and of every run's checkpoint as utils.timing measures every latency (the
+    deployed network, batch 1, warm-up, median of interleaved rounds, all in this process); speed-up over dense."""
+    options = study.options
+    if not options.latency_runs:
         return rows
-    paths = [args.state_dict] + [study.folder / f"{variant.name}.pth" for variant in grid]
-    print(f"timing the dense network and {len(grid)} variant(s) at {args.measure_size} px, {args.latency_runs} "
-          f"interleaved rounds on {device_name(study.context.device)}", flush=True)
-    variants = [prepare_variant(path, row["variant"], args.measure_size, 1, study.context.device,
-                                allow_pickle=args.allow_pickle) for path, row in zip(paths, rows)]
-    timed = time_variants(variants, args.latency_runs, 1, study.context.device)
-    for row, timing in zip(rows, timed):
-        row["latency_ms"] = timing["median_ms"]
-        row["speedup"] = timed[0]["median_ms"] / timing["median_ms"]
+    paths = {row["run"]: options.state_dict if row["run"] == DENSE else study.folder / f"{row['run']}.pth"
+             for row in rows}
+    print(f"timing the dense network and {len(paths) - 1} checkpoint(s) at {options.measure_size} px: {WARMUP} "
+          f"warm-up forwards each, {options.latency_runs} interleaved rounds, on {device_name(study.context.device)}",
+          flush=True)
+    networks = (load_model(path, allow_pickle=options.allow_pickle)[0] for path in paths.values())
+    seconds = dict(zip(paths, deployed_latencies(networks, options.measure_size, study.context.device,
+                                                 options.latency_runs)))
+    for row in rows:
+        row["latency_ms"] = 1000 * seconds[row["run"]]
+        row["speedup"] = seconds[DENSE] / seconds[row["run"]]
     return rows
 
 
-# Columns of study.csv / study.xlsx: (key, header, is a fraction shown in percent).
-COLUMNS = (("criterion", "criterion", False), ("p_value", "p (norm)", False), ("pruning_ratio", "ratio (%)", False),
-           ("steps", "steps", False), ("gmacs", "GMACs", False), ("params_m", "params (M)", False),
-           ("latency_ms", "latency (ms)", False), ("speedup", "speed-up", False), ("test_miou", "test mIoU", True),
-           ("crack_iou", "crack IoU", True), ("crack_tolerance_f1", "crack tolerance F1", True),
-           ("test_miou_change", "mIoU change vs dense", True),
-           ("crack_tolerance_f1_change", "crack tol. F1 change vs dense", True),
+# Columns of study.csv (one row per seed): (key, header, is a fraction shown in percent).
+COLUMNS = (("seed", "seed", False), ("criterion", "criterion", False), ("p_value", "p (norm)", False),
+           ("pruning_ratio", "ratio (%)", False), ("steps", "steps", False), ("gmacs", "GMACs", False),
+           ("params_m", "params (M)", False), ("latency_ms", "latency (ms)", False), ("speedup", "speed-up", False),
+           ("test_miou", "test mIoU", True), ("crack_iou", "crack IoU", True),
+           ("crack_tolerance_f1", "crack tolerance F1", True),
+           ("test_miou_change", "mIoU change vs dense fine-tuned", True),
+           ("crack_tolerance_f1_change", "crack tol. F1 change vs dense fine-tuned", True),
            ("val_miou", "val mIoU (best epoch)", True), ("best_epoch", "best epoch", False),
-           ("variant", "checkpoint", False))
+           ("variant", "variant", False), ("run", "checkpoint", False))
+# The scores summarised as mean and spread over seeds, and the two compared with the dense fine-tuned twin.
+SUMMARISED = ("gmacs", "params_m", "latency_ms", "speedup", "test_miou", "crack_iou", "crack_tolerance_f1",
+              "val_miou")
+COMPARED = ("test_miou", "crack_tolerance_f1")
+PERCENT_KEYS = {"test_miou", "crack_iou", "crack_tolerance_f1", "val_miou", "test_miou_change",
+                "crack_tolerance_f1_change"}
 
 
 def table_rows(rows):
-    """study.csv's rows: GMACs, params in millions and the change of each score against the dense row."""
-    dense = rows[0]
+    """study.csv's rows: GMACs, params in millions and each score's change against the dense fine-tuned twin of
+    the same seed."""
+    twins = {row["seed"]: row for row in rows if row["variant"] == TWIN}
     out = []
     for row in rows:
+        twin = twins[row["seed"]]
         row = {**row, "gmacs": row["macs"] / 1e9, "params_m": row["params"] / 1e6,
-               "test_miou_change": row["test_miou"] - dense["test_miou"],
-               "crack_tolerance_f1_change": row["crack_tolerance_f1"] - dense["crack_tolerance_f1"]}
-        out.append({key: row.get(key) for key, _, _ in COLUMNS})
+               **{f"{key}_change": row[key] - twin[key] for key in COMPARED}}
+        out.append({key: row.get(key) for key, _, _ in COLUMNS} | {"family": row["family"]})
     return out
 
 
-def format_table(rows):
-    """The table printed at the end, scores in percent."""
-    shown = [(key, header) for key, header, _ in COLUMNS if key not in ("val_miou", "variant")]
-    percent = {key for key, _, is_percent in COLUMNS if is_percent}
+def _spread(values):
+    """Sample standard deviation over seeds (n - 1); NaN with one seed, where there is no spread to give."""
+    values = np.asarray([np.nan if value is None else value for value in values], dtype=float)
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
-    def text(key, value):
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            return "-"
-        if key in percent:
-            return f"{100 * value:+.2f}" if key.endswith("_change") else f"{100 * value:.2f}%"
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
 
-    cells = [[header for _, header in shown]] + [[text(key, row.get(key)) for key, _ in shown] for row in rows]
-    widths = [max(len(line[column]) for line in cells) for column in range(len(shown))]
-    return "\n".join("  ".join(f"{cell:<{width}}" if column == 0 else f"{cell:>{width}}"
+def verdict(change, spread, twin_spread):
+    """'within noise' when the mean change is no larger than the larger spread of variant and twin over seeds."""
+    noise = max(spread, twin_spread)
+    if np.isnan(noise):
+        return "one seed: no spread"
+    if abs(change) <= noise:
+        return "within noise"
+    return "above dense (beyond noise)" if change > 0 else "below dense (beyond noise)"
+
+
+def summary_rows(table):
+    """study.xlsx's summary and the printed table: per variant the mean and spread (sample standard deviation)
+    over seeds of every score, and the mean change against the dense fine-tuned twin with its verdict."""
+    frame = pd.DataFrame(table)
+    groups = list(frame.groupby("variant", sort=False))
+    twin = dict(groups)[TWIN]
+    out = []
+    for _, members in groups:
+        first = members.iloc[0]
+        row = {key: first[key] for key in ("criterion", "p_value", "pruning_ratio", "steps", "family", "variant")}
+        row["seeds"] = len(members)
+        for key in SUMMARISED + tuple(f"{key}_change" for key in COMPARED):
+            row[f"{key}_mean"] = float(members[key].astype(float).mean())
+            row[f"{key}_spread"] = _spread(members[key])
+        for key in COMPARED:
+            row[f"{key}_verdict"] = ("reference" if first["variant"] == TWIN else
+                                     verdict(row[f"{key}_change_mean"], row[f"{key}_spread"],
+                                             _spread(twin[key])))
+        out.append(row)
+    return out
+
+
+SUMMARY_COLUMNS = (("criterion", "criterion"), ("p_value", "p (norm)"), ("pruning_ratio", "ratio (%)"),
+                   ("steps", "steps"), ("seeds", "seeds"), ("gmacs_mean", "GMACs"), ("params_m_mean", "params (M)"),
+                   ("latency_ms_mean", "latency (ms)"), ("speedup_mean", "speed-up"),
+                   ("speedup_spread", "speed-up spread"), ("test_miou_mean", "test mIoU"),
+                   ("test_miou_spread", "test mIoU spread"), ("crack_iou_mean", "crack IoU"),
+                   ("crack_iou_spread", "crack IoU spread"), ("crack_tolerance_f1_mean", "crack tolerance F1"),
+                   ("crack_tolerance_f1_spread", "crack tolerance F1 spread"),
+                   ("test_miou_change_mean", "mIoU change vs dense fine-tuned"),
+                   ("test_miou_change_spread", "mIoU change spread"), ("test_miou_verdict", "mIoU: vs dense"),
+                   ("crack_tolerance_f1_change_mean", "crack tol. F1 change vs dense fine-tuned"),
+                   ("crack_tolerance_f1_change_spread", "crack tol. F1 change spread"),
+                   ("crack_tolerance_f1_verdict", "crack tol. F1: vs dense"),
+                   ("val_miou_mean", "val mIoU (best epoch)"), ("variant", "variant"))
+
+
+def _is_percent(key):
+    return any(key in (f"{name}_mean", f"{name}_spread") for name in PERCENT_KEYS)
+
+
+def _text(key, value):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if _is_percent(key):
+        signed = "_change_" in key or key.endswith("_spread")
+        return f"{100 * value:+.2f}" if signed and not key.endswith("_spread") else f"{100 * value:.2f}"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def format_table(summary):
+    """The table printed at the end: mean ± spread over seeds, scores in percent, changes in points."""
+    pairs = [("gmacs_mean", None, "GMACs"), ("latency_ms_mean", None, "latency ms"),
+             ("speedup_mean", "speedup_spread", "speed-up"), ("test_miou_mean", "test_miou_spread", "test mIoU %"),
+             ("crack_tolerance_f1_mean", "crack_tolerance_f1_spread", "crack tol. F1 %"),
+             ("test_miou_change_mean", "test_miou_change_spread", "mIoU vs dense ft (pts)"),
+             ("test_miou_verdict", None, "mIoU verdict"),
+             ("crack_tolerance_f1_change_mean", "crack_tolerance_f1_change_spread", "crack F1 vs dense ft (pts)"),
+             ("crack_tolerance_f1_verdict", None, "crack F1 verdict")]
+    cells = [["variant", "seeds"] + [header for _, _, header in pairs]]
+    for row in summary:
+        line = [row["variant"], str(row["seeds"])]
+        for key, spread, _ in pairs:
+            text = _text(key, row.get(key))
+            if spread is not None and not np.isnan(row.get(spread, np.nan)):
+                text += f" ± {_text(spread, row[spread])}"
+            line.append(text)
+        cells.append(line)
+    widths = [max(len(line[column]) for line in cells) for column in range(len(cells[0]))]
+    return "\n".join("  ".join(f"{cell:<{width}}" if column in (0, 8, 10) else f"{cell:>{width}}"
                                for column, (cell, width) in enumerate(zip(line, widths))) for line in cells)
 
 
 def write_outputs(rows, study):
-    """study.csv (fractions), study.xlsx (percentages), study.png; the table printed."""
+    """study.csv (per seed, fractions), study_summary.csv (mean and spread), study.xlsx (both, percentages),
+    study.png; the summary table printed."""
     table = table_rows(rows)
-    folder = study.folder
-    write_csv(table, folder / "study.csv")
-    frame = pd.DataFrame(table).rename(columns={key: header for key, header, _ in COLUMNS})
-    percent = tuple(header for _, header, is_percent in COLUMNS if is_percent)
-    args = study.args
-    note = (f"test split {args.test_data}; MACs and latency at {args.measure_size}x{args.measure_size} px, batch 1, "
-            f"{device_name(study.context.device)}; changes are percentage points against the dense row")
-    write_workbook(str(folder / "study.xlsx"), {"study": [Table(frame, title=note, percent_columns=percent)]})
-    plot_study(table, folder / "study.png", f"Pruning study {args.name}", args.measure_size,
+    summary = summary_rows(table)
+    folder, options = study.folder, study.options
+    write_csv([{key: row[key] for key, _, _ in COLUMNS} for row in table], folder / "study.csv")
+    write_csv(summary, folder / "study_summary.csv")
+    per_seed = pd.DataFrame(table)[[key for key, _, _ in COLUMNS]].rename(
+        columns={key: header for key, header, _ in COLUMNS})
+    overview = pd.DataFrame(summary)[[key for key, _ in SUMMARY_COLUMNS]].rename(columns=dict(SUMMARY_COLUMNS))
+    note = (f"test split {options.test_data}; seeds {', '.join(map(str, options.seeds))}; MACs and latency at "
+            f"{options.measure_size}x{options.measure_size} px, batch 1, deployed network, "
+            f"{device_name(study.context.device)}; changes are percentage points against the dense network "
+            f"fine-tuned like the variants (same epochs, recipe and seed); spread = sample standard deviation over "
+            f"seeds; 'within noise' = |mean change| <= the larger spread of the variant and the dense fine-tuned twin")
+    write_workbook(str(folder / "study.xlsx"), {
+        "summary": [Table(overview, title=note, percent_columns=tuple(
+            header for key, header in SUMMARY_COLUMNS if _is_percent(key)))],
+        "per seed": [Table(per_seed, title="one row per (variant, seed)", percent_columns=tuple(
+            header for _, header, percent in COLUMNS if percent))]})
+    plot_study(summary, folder / "study.png", f"Pruning study {options.name}", options.measure_size,
                study.context.device.type)
-    print(format_table(table))
-    print(f"\nwrote {folder}/: study.csv, study.xlsx, study.png and one checkpoint per variant", flush=True)
+    print(format_table(summary))
+    print(f"\nwrote {folder}/: study.csv (one row per seed), study_summary.csv, study.xlsx, study.png and one "
+          f"checkpoint per (variant, seed)", flush=True)
 
 
-def _families(rows):
-    """{line label: its rows in ratio order} for the variants, the dense row left out."""
+def _families(summary):
+    """{line label: its rows in ratio order} for the pruned variants."""
     families = {}
-    for row in rows[1:]:
-        norm = f" L{row['p_value']}" if row["p_value"] is not None else ""
-        label = f"{row['criterion']}{norm}, {row['steps']} step{'s' if row['steps'] > 1 else ''}"
-        families.setdefault(label, []).append(row)
+    for row in summary:
+        if row["variant"] not in (DENSE, TWIN):
+            families.setdefault(row["family"], []).append(row)
     return {label: sorted(members, key=lambda row: row["pruning_ratio"]) for label, members in families.items()}
 
 
-def plot_study(rows, path, title, size, device_type):
-    """Test mIoU and crack tolerance F1 against GMACs and against latency, one line per criterion and schedule,
-    each point labelled with its ratio, the dense network a black star."""
-    with_latency = rows[0].get("latency_ms") is not None
+def _error(row, key):
+    spread = row.get(f"{key}_spread", np.nan)
+    return 0.0 if spread is None or np.isnan(spread) else spread
+
+
+def _plot_panel(axis, summary, x_key, y_key):
+    """One panel: a line with error bars (spread over seeds) per family, the dense twin's mean ± spread as a grey
+    band (a point inside it is within noise of dense), the untuned dense network a black star."""
+    by_name = {row["variant"]: row for row in summary}
+    twin = by_name[TWIN]
+    centre, band = 100 * twin[f"{y_key}_mean"], 100 * _error(twin, y_key)
+    axis.axhspan(centre - band, centre + band, color="grey", alpha=0.2, label="dense fine-tuned, mean ± spread")
+    axis.axhline(centre, color="grey", linewidth=1)
+    for label, members in _families(summary).items():
+        x = [row[f"{x_key}_mean"] for row in members]
+        y = [100 * row[f"{y_key}_mean"] for row in members]
+        axis.errorbar(x, y, yerr=[100 * _error(row, y_key) for row in members], fmt="o-", capsize=3, label=label)
+        for row, x_value, y_value in zip(members, x, y):
+            axis.annotate(f"{row['pruning_ratio']:g}%", (x_value, y_value), textcoords="offset points",
+                          xytext=(4, 4), fontsize=7)
+    for name, marker, text in ((DENSE, "k*", "dense, untuned"), (TWIN, "kD", "dense fine-tuned")):
+        row = by_name[name]
+        axis.errorbar(row[f"{x_key}_mean"], 100 * row[f"{y_key}_mean"], yerr=100 * _error(row, y_key), fmt=marker,
+                      markersize=10 if name == DENSE else 7, capsize=3, label=text)
+
+
+def plot_study(summary, path, title, size, device_type):
+    """Test mIoU and crack tolerance F1 (mean, bars: spread over seeds) against GMACs and against latency."""
+    with_latency = not np.isnan(summary[0].get("latency_ms_mean", np.nan))
     xs = [("gmacs", f"GMACs per image ({size}x{size} px)")]
     if with_latency:
-        xs.append(("latency_ms", f"latency per image (ms, batch 1, {device_type})"))
+        xs.append(("latency_ms", f"latency per image (ms, batch 1, {device_type}, deployed)"))
     ys = [("test_miou", "test mIoU (%)"), ("crack_tolerance_f1", "crack tolerance F1 (%)")]
     figure, axes = plt.subplots(len(ys), len(xs), figsize=(6.5 * len(xs), 4.5 * len(ys)), squeeze=False)
-    families = _families(rows)
     for (y_key, y_label), axis_row in zip(ys, axes):
         for (x_key, x_label), axis in zip(xs, axis_row):
-            for label, members in families.items():
-                x = [row[x_key] for row in members]
-                y = [100 * row[y_key] for row in members]
-                axis.plot(x, y, "o-", label=label)
-                for row, x_value, y_value in zip(members, x, y):
-                    axis.annotate(f"{row['pruning_ratio']:g}%", (x_value, y_value), textcoords="offset points",
-                                  xytext=(4, 4), fontsize=7)
-            dense = rows[0]
-            axis.plot(dense[x_key], 100 * dense[y_key], "k*", markersize=14, label="dense (unpruned)")
-            axis.annotate("dense", (dense[x_key], 100 * dense[y_key]), textcoords="offset points",
-                          xytext=(-10, 8), fontsize=8, fontweight="bold")
+            _plot_panel(axis, summary, x_key, y_key)
             axis.set(xlabel=x_label, ylabel=y_label)
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, title="criterion, schedule (labels: % of channels removed)", title_fontsize=8)
-    figure.suptitle(f"{title}: less computation (left) or time (right) against accuracy; up and left is better")
+    axes[0][0].legend(fontsize=7, title="criterion, schedule (labels: % of channels removed)", title_fontsize=7)
+    seeds = summary[0]["seeds"]
+    figure.suptitle(f"{title}: mean over {seeds} seed{'s' if seeds > 1 else ''} (bars: spread); up and left is "
+                    f"better; inside the grey band = within noise of dense fine-tuned")
     figure.tight_layout()
     replace_atomically(str(path), lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
@@ -472,10 +714,11 @@ def layers_outside(model, prefix):
 
 def sensitivity_row(study, variant, part, prefix):
     model = copy.deepcopy(study.dense).to(study.context.device)
-    vargs = argparse.Namespace(**{**vars(variant_args(study.args, variant)), "finetune_epochs": 0})
-    seed_everything(study.args.seed)
-    prune_in_steps(model, vargs, study.prepared, study.context, lambda *_: None, layers_outside(model, prefix))
-    macs, _ = models.count_macs(model, study.args.measure_size, study.context.device)
+    tuning = dataclasses.replace(prune_options(study.options, variant, study.options.seed), finetune_epochs=0)
+    seed_everything(study.options.seed)
+    prepared = seeded_data(study.prepared, study.options.seed, study.options, study.context)
+    prune_in_steps(model, tuning, prepared, study.context, lambda *_: None, layers_outside(model, prefix))
+    macs, _ = models.count_macs(model, study.options.measure_size, study.context.device)
     return {"part": part, "pruning_ratio": variant.ratio, "gmacs": macs / 1e9,
             "val_miou": validation_miou(model, study.prepared, study.context.device)}
 
@@ -491,7 +734,7 @@ def run_sensitivity(study, grid):
           f"{100 * done['dense']:.2f}%", flush=True)
     rows = []
     for part, prefix in network_parts(study.dense).items():
-        for ratio in dict.fromkeys(study.args.pruning_ratio):
+        for ratio in dict.fromkeys(study.options.pruning_ratio):
             key = f"{part} @ {float(ratio):g}"
             if key not in done:
                 done[key] = sensitivity_row(study, Variant(first.importance, first.p_value, float(ratio), 1), part,
@@ -502,7 +745,7 @@ def run_sensitivity(study, grid):
                   f"(drop {100 * row['val_miou_drop']:+.2f} points), {row['gmacs']:.2f} GMACs", flush=True)
             rows.append(row)
     write_csv(rows, study.folder / "sensitivity.csv")
-    plot_sensitivity(rows, study.folder / "sensitivity.png", study.args.name, first)
+    plot_sensitivity(rows, study.folder / "sensitivity.png", study.options.name, first)
     print(f"wrote {study.folder}/sensitivity.csv and sensitivity.png", flush=True)
     return rows
 
