@@ -2,11 +2,15 @@
 
     python benchmark.py results/runs/demo/best.pth results/pruned/r101_50.pth --size 512 --runs 20
     python benchmark.py A.pth B.pth --device cuda --half --channels_last --onnx
+    python benchmark.py A.pth export/A.onnx export/A_int8.onnx --size 512 --device cpu
 
 For each checkpoint: parameters, MACs per image (torch-pruning's counter), median and p90 latency
 of one forward of a BATCH x 3 x SIZE x SIZE batch (auxiliary head dropped, as in inference), images
-per second, and ratios against the first checkpoint (params x, MACs x, speed-up). With --onnx the
-same network also runs in onnxruntime. Prints the table and writes OUTPUT_DIR/benchmark/NAME.csv
+per second, and ratios against the first checkpoint (params x, MACs x, speed-up). An .onnx file of
+export.py (float32, float16 or INT8) runs in onnxruntime in the same interleaved rounds, its ratios
+against the first .onnx file (A_int8.onnx after A.onnx gives INT8's speed-up); on the CPU the CPU's
+model and INT8-relevant flags are printed. With --onnx each checkpoint also runs exported in
+onnxruntime. Prints the table and writes OUTPUT_DIR/benchmark/NAME.csv
 and NAME.png (latency against MACs); a rerun with the same --name replaces them and says so.
 """
 import argparse
@@ -19,7 +23,8 @@ from utils.timing import WARMUP
 def get_args_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                        help="checkpoints to compare; ratios are against the first")
+                        help="checkpoints (or .onnx files of export.py) to compare; ratios are against the "
+                             "first of the same backend")
     parser.add_argument("--size", type=int, default=512, help="input side in px (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=20, help="timed forwards per model (default: %(default)s)")

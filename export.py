@@ -2,19 +2,26 @@
 
     python export.py results/runs/demo/best.pth --output model.onnx
     python export.py P.pth --output pruned.onnx --size 512 --dynamic --opset 17
+    python export.py P.pth --output pruned.onnx --size 512 --int8 --calib_data data/val --calib_images 16
 
 The graph takes a normalised image batch (N,3,H,W; ImageNet mean/std, as in training) named "image"
 and returns the main head's logits (N,7,H,W) named "logits": the auxiliary head is dropped. The
 check runs the file in onnxruntime and prints the largest absolute logit difference and the share
 of pixels whose class agrees; exit status 1 when they are outside tolerance (float32: 1e-3 and
 99.9%; float16: 98% agreement). Then it prints the trtexec line that builds the TensorRT engine.
+
+--int8 also writes <output stem>_int8.onnx: onnxruntime's static quantisation in QDQ format (int8 weights
+per channel, int8 activations with ranges calibrated on --calib_images images of the split --calib_data,
+read as in training and resized to --size), and prints the share of pixels whose class it predicts as the
+float32 graph does, and its mIoU against the float32 predictions, on every image of that split.
 """
 import argparse
 from pathlib import Path
 
 from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, default_name, require_path, run_main, script_main
-from utils.deploy import run_export
+from utils.deploy import int8_path, run_export
 from utils.files import refuse_existing
+from utils.quantize import check_calibration_split
 
 
 def get_args_parser():
@@ -27,6 +34,12 @@ def get_args_parser():
     add_bool(parser, "--dynamic", False, "free batch, height and width axes (one file for every photo size)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     add_bool(parser, "--half", False, "store the graph in float16 (TensorRT --fp16 also works from float32)")
+    add_bool(parser, "--int8", False, "also write OUTPUT_int8.onnx, statically quantised (QDQ) for INT8 "
+                                      "(needs --calib_data)")
+    parser.add_argument("--calib_data", metavar="SPLIT", default=None,
+                        help="split whose Images/ calibrate --int8's activation ranges (e.g. the val split)")
+    parser.add_argument("--calib_images", type=int, default=16, metavar="N",
+                        help="calibration images, spread over the split (default: %(default)s)")
     add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
     add_bool(parser, "--overwrite", False, "replace an existing --output file")
     parser.add_argument("--device", default="auto",
@@ -44,11 +57,30 @@ def check_args(args):
     if not 11 <= args.opset <= 20:
         raise UserError(f"--opset must be between 11 and 20, got {args.opset}")
     require_path(args.checkpoint, "checkpoint", "file")
+    check_int8_args(args)
     output = Path(args.output or Path(args.output_dir) / "export" / f"{default_name(args.checkpoint)}.onnx")
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output should end in .onnx, got {output}")
-    refuse_existing([output], args.overwrite, "choose another --output")
+    refuse_existing([output] + ([int8_path(output)] if args.int8 else []), args.overwrite, "choose another --output")
     args.output = output
+
+
+def check_int8_args(args):
+    """--int8 needs a split of images to calibrate on; its flags mean nothing without it."""
+    if args.int8 and args.half:
+        raise UserError("--int8 and --half are two different graphs: drop --half (INT8 is quantised from float32)")
+    if args.int8 and not args.calib_data:
+        raise UserError("--int8 needs --calib_data SPLIT (a folder with Images/, e.g. the val split) to calibrate "
+                        "the activation ranges on")
+    if args.calib_data and not args.int8:
+        raise UserError("--calib_data is only used with --int8; add --int8 or drop --calib_data")
+    if args.int8 and args.opset < 13:
+        raise UserError(f"--int8 needs --opset 13 or later (per-channel QuantizeLinear), got {args.opset}")
+    if args.calib_images < 1:
+        raise UserError(f"--calib_images must be at least 1, got {args.calib_images}")
+    if args.int8:
+        require_path(args.calib_data, "--calib_data split", "dir")
+        check_calibration_split(args.calib_data, 1 if args.dynamic else args.batch)
 
 
 main = script_main(get_args_parser, run_export, check_args)

@@ -2,6 +2,7 @@
 
     python test.py TEST_DIR --weights W.pth
     python test.py TEST_DIR --weights W.pth --pruned_model P.pth --use_pruned
+    python test.py TEST_DIR --weights results/export/W_int8.onnx
 
 Scores the whole split at each label's own resolution from one confusion matrix: per class IoU,
 precision, recall, F1 (= Dice), support; pixel accuracy, mIoU (with and without background), mean
@@ -25,7 +26,8 @@ def get_args_parser():
     model = parser.add_argument_group("model")
     model.add_argument("--weights", metavar="W.pth",
                        help="checkpoint or plain state_dict (thesis 8-output files too); alone when it "
-                            "describes itself")
+                            "describes itself; or an ONNX graph from export.py (float32, float16 or INT8), "
+                            "run by onnxruntime")
     model.add_argument("--pruned_model", metavar="P.pth",
                        help="pruned network whose architecture holds --weights (or, alone, is evaluated)")
     add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
@@ -68,6 +70,9 @@ def get_args_parser():
 def check_args(args):
     """Value checks argparse cannot do; each failure is one line and exit status 2."""
     check_model_options(args.weights, args.pruned_model, args.use_pruned)
+    if str(args.weights).lower().endswith(".onnx") and (args.pruned_model or args.amp):
+        raise UserError(f"--weights {args.weights} is an ONNX graph: it is scored as exported, without "
+                        f"{'--pruned_model' if args.pruned_model else '--amp'} (its precision was fixed by export.py)")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     for option in ("eval_size", "tile"):

@@ -23,12 +23,16 @@ from utils.checkpoint import load_model
 from utils.cli import UserError, default_name, device_name, progress_enabled, resolve_device
 from utils.files import replace_atomically
 from utils.model import count_macs, fold_batchnorm, forward_logits, strip_aux_head
+from utils.onnx_model import (INPUT_NAME, OUTPUT_NAME, OnnxNetwork, facts_metadata, is_onnx_path, onnx_input,
+                              onnx_session)
+from utils.quantize import (QUANTISATION, calibration_feeds, calibration_set, prediction_agreement,
+                            quantize_int8)
 from utils.report import write_csv
 from utils.timing import forward_times, interleaved_times, time_calls
 
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FLOAT32_MAX_DIFF = 1e-3      # acceptance bound for a float32 graph; float16 graphs are judged by argmax only
 MIN_AGREEMENT = {False: 0.999, True: 0.98}  # argmax agreement by --half; float16 rounding flips near-ties
+INT8_TARGET_AGREEMENT = 0.98  # INT8 vs float32 pixel agreement export.py --int8 reports against (issue 19)
 PARITY_RULE = {False: "max abs logit diff <= 1e-3 and argmax agreement >= 99.9%",
                True: "argmax agreement >= 98% (float16)"}
 # The legacy TorchScript exporter works without onnxscript (which the dynamo exporter needs) but warns.
@@ -47,10 +51,11 @@ class LogitsOnly(nn.Module):
         return forward_logits(self.model, image, self.num_classes)
 
 
-def export_onnx(network, path, size=512, batch=1, dynamic=False, opset=17):
+def export_onnx(network, path, size=512, batch=1, dynamic=False, opset=17, facts=None):
     """Trace a LogitsOnly network into an ONNX file (written atomically) and validate it with onnx.checker.
 
-    dynamic: batch, height and width become free axes (one file for every photo size).
+    dynamic: batch, height and width become free axes (one file for every photo size). facts (arch, params,
+    MACs, ...) go into the graph's metadata, so test.py and benchmark.py can describe the graph on its own.
     """
     import onnx
 
@@ -67,28 +72,23 @@ def export_onnx(network, path, size=512, batch=1, dynamic=False, opset=17):
             torch.onnx.export(network.eval(), (example,), temporary, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
                               do_constant_folding=True)
+        if facts:
+            add_facts(temporary, facts)
         onnx.checker.check_model(temporary)
 
     replace_atomically(str(path), write)
     return Path(path)
 
 
-def onnx_session(path, device="cpu"):
-    """An onnxruntime session on the CUDA provider when asked for and present, else the CPU."""
-    import onnxruntime as ort
+def add_facts(path, facts):
+    """Store facts (utils.onnx_model.FACT_TYPES) in the ONNX file's metadata_props, in place."""
+    import onnx
 
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-
-
-def _onnx_input(session, tensor):
-    wanted = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
-    return {INPUT_NAME: tensor.cpu().numpy().astype(wanted)}
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    for key, value in facts_metadata(facts):
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def check_parity(reference, onnx_path, shapes, device="cpu", seed=0):
     for batch, height, width in shapes:
         image = torch.randn(batch, 3, height, width, generator=generator)
         expected = reference(image.to(parameter.device, parameter.dtype)).float().cpu().numpy()
-        actual = session.run([OUTPUT_NAME], _onnx_input(session, image))[0].astype(np.float32)
+        actual = session.run([OUTPUT_NAME], onnx_input(session, image))[0].astype(np.float32)
         if actual.shape != expected.shape:
             raise RuntimeError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
         difference = np.abs(actual - expected)
@@ -122,10 +122,12 @@ def parity_passed(rows, half):
     return agreement and close
 
 
-def trtexec_command(onnx_path, size, dynamic):
-    """The line that builds a float16 TensorRT engine from the ONNX file on the Jetson itself."""
+def trtexec_command(onnx_path, size, dynamic, int8=False):
+    """The line that builds a TensorRT engine from the ONNX file on the Jetson itself: float16, or for a QDQ
+    graph int8 with explicit quantisation (--int8; --fp16 lets the layers left in float, such as the resize,
+    run in float16 rather than float32)."""
     engine = Path(onnx_path).with_suffix(".engine").name
-    command = f"trtexec --onnx={Path(onnx_path).name} --fp16 --saveEngine={engine}"
+    command = f"trtexec --onnx={Path(onnx_path).name} {'--int8 --fp16' if int8 else '--fp16'} --saveEngine={engine}"
     if dynamic:
         shape = "{}:1x3x{}x{}"
         command += (f" --minShapes={shape.format(INPUT_NAME, size // 2, size // 2)}"
@@ -134,19 +136,68 @@ def trtexec_command(onnx_path, size, dynamic):
     return command
 
 
+def int8_path(output):
+    """Where --int8 writes the quantised graph: beside the float32 one, named <stem>_int8.onnx."""
+    return Path(output).with_name(f"{Path(output).stem}_int8.onnx")
+
+
+def graph_facts(network, metadata, size, precision, source):
+    """What the ONNX file says about itself (utils.onnx_model.FACT_TYPES), counted on the unfolded network."""
+    macs, params = count_macs(network, size, device=next(network.parameters()).device)
+    return {"arch": metadata["arch"], "num_classes": metadata["num_classes"], "pruned": bool(metadata.get("pruning")),
+            "params": params, "macs": macs, "macs_size": size, "precision": precision, "source": str(source)}
+
+
+def _print_parity(rows):
+    for row in rows:
+        print(f"onnxruntime vs PyTorch (float32) on {row['shape']}: max abs logit diff {row['max_abs_diff']:.2e} "
+              f"(logits up to {row['max_abs_logit']:.3g}), mean {row['mean_abs_diff']:.2e}, argmax agreement "
+              f"{100 * row['argmax_agreement']:.3f}%")
+
+
+def export_int8(fp32_path, output, facts, calib_data, calib_images, size, device="cpu"):
+    """Quantise the float32 graph at fp32_path to `output` (QDQ INT8, utils.quantize), calibrated on up to
+    calib_images images of the split calib_data at size x size, and print how far its predictions agree with
+    the float32 graph's on every image of that split."""
+    reference = onnx_session(fp32_path, device)
+    batch = reference.get_inputs()[0].shape[0]
+    batch = batch if isinstance(batch, int) else 1
+    dataset = calibration_set(calib_data, size)
+    feeds = calibration_feeds(dataset, calib_images, size, batch, reference)
+    seconds = []
+
+    def write(temporary):
+        seconds.append(quantize_int8(fp32_path, temporary, feeds))
+        add_facts(temporary, {**facts, "precision": "int8"})
+
+    replace_atomically(str(output), write)
+    print(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MB, int8: {QUANTISATION}; calibrated on "
+          f"{len(feeds) * batch} image(s) of {dataset.root} at {size}x{size}) in {seconds[0]:.1f} s")
+    agreement = prediction_agreement(reference, onnx_session(output, device), dataset, size, batch,
+                                     facts["num_classes"])
+    verdict = "meets" if agreement["pixel_agreement"] >= INT8_TARGET_AGREEMENT else "is BELOW"
+    print(f"INT8 vs float32 predictions on {agreement['images']} image(s) of {dataset.root} at {size}x{size}: "
+          f"pixel agreement {100 * agreement['pixel_agreement']:.2f}% ({verdict} the "
+          f"{100 * INT8_TARGET_AGREEMENT:.0f}% target), mIoU {100 * agreement['miou']:.2f}% (float32's classes as "
+          f"ground truth)")
+    return agreement
+
+
 def run_export(args):
-    """export.py: trace the checkpoint's deployed network to args.output, check it in onnxruntime, print the
-    trtexec line; exit status 1 when the parity check fails (the file is kept for inspection)."""
+    """export.py: trace the checkpoint's deployed network to args.output, check it in onnxruntime, with --int8
+    quantise it beside, print the trtexec lines; exit status 1 when the parity check fails (the file is kept)."""
     output = args.output
     device = resolve_device(args.device)
     model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle)
-    reference = fold_batchnorm(LogitsOnly(model, metadata["num_classes"]).eval())
+    reference = LogitsOnly(model, metadata["num_classes"]).eval()
+    facts = graph_facts(reference, metadata, args.size, "float16" if args.half else "float32", args.checkpoint)
+    fold_batchnorm(reference)
     network = copy.deepcopy(reference).half() if args.half else reference
     started = time.perf_counter()
-    export_onnx(network, output, args.size, args.batch, args.dynamic, args.opset)
+    export_onnx(network, output, args.size, args.batch, args.dynamic, args.opset, facts)
     megabytes = os.path.getsize(output) / 2**20
     print(f"wrote {output} ({megabytes:.1f} MB, {metadata['arch']}{' pruned' if metadata.get('pruning') else ''}, "
-          f"{'float16' if args.half else 'float32'}, opset {args.opset}, input image "
+          f"{facts['precision']}, opset {args.opset}, input image "
           f"{'Nx3xHxW' if args.dynamic else f'{args.batch}x3x{args.size}x{args.size}'}) in "
           f"{time.perf_counter() - started:.1f} s")
 
@@ -155,18 +206,19 @@ def run_export(args):
         shapes.append((args.batch + 1, args.size // 2, args.size * 3 // 4))
     with torch.no_grad():
         rows = check_parity(reference, output, shapes, device)
-    for row in rows:
-        print(f"onnxruntime vs PyTorch (float32) on {row['shape']}: max abs logit diff {row['max_abs_diff']:.2e} "
-              f"(logits up to {row['max_abs_logit']:.3g}), mean {row['mean_abs_diff']:.2e}, argmax agreement "
-              f"{100 * row['argmax_agreement']:.3f}%")
+    _print_parity(rows)
     if not parity_passed(rows, args.half):
         print(f"export.py: parity check FAILED (tolerance: {PARITY_RULE[args.half]}); {output} was kept for "
               f"inspection. Float32 rounding alone exceeds 1e-3 when logits run into the hundreds, as in an "
               f"untrained network", file=sys.stderr)
         sys.exit(1)
     print("parity check passed")
+    if args.int8:
+        export_int8(output, int8_path(output), facts, args.calib_data, args.calib_images, args.size, device)
     print("build the TensorRT engine on the Jetson itself (engines are specific to the device):")
     print(f"  {trtexec_command(output, args.size, args.dynamic)}")
+    if args.int8:
+        print(f"  {trtexec_command(int8_path(output), args.size, args.dynamic, int8=True)}")
 
 
 # --- benchmark ---------------------------------------------------------------------------------------------
@@ -213,6 +265,23 @@ def prepare_variant(path, label, size, batch, device, half=False, channels_last=
     return Variant(label, facts, network, image)
 
 
+def prepare_onnx_variant(path, label, size, batch, device):
+    """An ONNX file of export.py as a variant: onnxruntime runs it (on the CUDA provider for a CUDA device),
+    its facts come from the graph (MACs scaled to size), and a graph of another fixed size is refused now."""
+    network = OnnxNetwork(path, device)
+    facts = {"checkpoint": str(path), "arch": network.facts["arch"], "pruned": network.facts["pruned"],
+             "params_m": network.facts["params"] / 1e6, "gmacs": network.macs(size) / 1e9, "size": size,
+             "batch": batch, "device": str(device), "dtype": network.facts["precision"], "channels_last": False,
+             "folded_bn": True}
+    image = torch.randn(batch, 3, size, size)
+    network.feed(image)
+    return Variant(label, facts, network, image)
+
+
+def backend(variant):
+    return "onnxruntime" if isinstance(variant.network, OnnxNetwork) else "pytorch"
+
+
 def _onnx_calls(variants, folder, device):
     """One onnxruntime call per variant, each exported into `folder` first."""
     calls = []
@@ -221,21 +290,50 @@ def _onnx_calls(variants, folder, device):
         onnx_path = export_onnx(network, Path(folder) / f"model_{index}.onnx", variant.facts["size"],
                                 variant.facts["batch"])
         session = onnx_session(onnx_path, device)
-        feed = _onnx_input(session, variant.image)
+        feed = onnx_input(session, variant.image)
         calls.append(lambda session=session, feed=feed: session.run([OUTPUT_NAME], feed))
     return calls
 
 
 def time_variants(variants, runs, warmup, device, onnx=False):
-    """Rows of every variant (PyTorch, then onnxruntime with onnx=True), timed in interleaved rounds."""
+    """Rows of every variant (checkpoints in PyTorch and .onnx files in onnxruntime, in the same interleaved
+    rounds), then with onnx=True each checkpoint exported and timed in onnxruntime."""
     batch = variants[0].facts["batch"]
     times = forward_times([v.network for v in variants], [v.image for v in variants], runs, warmup, device)
-    rows = [latency_row(v.label, "pytorch", v.facts, seconds, batch) for v, seconds in zip(variants, times)]
-    if onnx:
+    rows = [latency_row(v.label, backend(v), v.facts, seconds, batch) for v, seconds in zip(variants, times)]
+    exported = [v for v in variants if backend(v) == "pytorch"]
+    if onnx and exported:
         with tempfile.TemporaryDirectory() as folder:
-            times = interleaved_times(_onnx_calls(variants, folder, device), runs, warmup, torch.device("cpu"))
-        rows += [latency_row(v.label, "onnxruntime", v.facts, seconds, batch) for v, seconds in zip(variants, times)]
+            times = interleaved_times(_onnx_calls(exported, folder, device), runs, warmup, torch.device("cpu"))
+        rows += [latency_row(v.label, "onnxruntime", v.facts, seconds, batch) for v, seconds in zip(exported, times)]
     return rows
+
+
+def print_onnx_speedups(rows):
+    """One line per onnxruntime row against the first onnxruntime row (e.g. INT8 against float32)."""
+    onnx_rows = [row for row in rows if row["backend"] == "onnxruntime"]
+    for row in onnx_rows[1:]:
+        print(f"{row['model']} ({row['dtype']}, onnxruntime): {row['speedup']:.2f}x the speed of "
+              f"{onnx_rows[0]['model']} ({onnx_rows[0]['dtype']}, onnxruntime) with {1 / row['macs_ratio']:.2f}x "
+              f"fewer MACs")
+
+
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_description(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name and which of the flags INT8 kernels use it has, from /proc/cpuinfo (Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return "CPU model and flags: /proc/cpuinfo not readable"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    present = [flag for flag in INT8_CPU_FLAGS if flag in flags]
+    absent = [flag for flag in INT8_CPU_FLAGS if flag not in flags]
+    return (f"CPU: {fields.get('model name', 'unknown')}, {os.cpu_count()} logical cores; INT8-relevant flags: "
+            f"{' '.join(present) or 'none'}{f' (not: {chr(32).join(absent)})' if absent else ''}")
 
 
 def add_ratios(rows):
@@ -276,7 +374,8 @@ def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"checkpoint not found: {path}")
-    variants = [prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold)
+    variants = [prepare_onnx_variant(path, label, size, batch, device) if is_onnx_path(path) else
+                prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold)
                 for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading",
                                         disable=not progress_enabled(progress),
                                         dynamic_ncols=True)]
@@ -345,6 +444,8 @@ def run_benchmark(args):
     rows = benchmark_rows(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
                           args.channels_last, args.onnx, args.allow_pickle, fold=args.fold_batchnorm)
     title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
+    if device.type == "cpu":
+        print(cpu_description())
     print(f"{title}, {'float16' if args.half else 'float32'}, {args.runs} runs after {args.warmup} warm-up, "
           f"BatchNorm {'folded' if args.fold_batchnorm else 'kept'}, torch {torch.__version__}")
     print(format_table(rows))
@@ -355,5 +456,6 @@ def run_benchmark(args):
             print(f"{row['model']}: {row['speedup']:.2f}x the speed of {rows[0]['model']} with "
                   f"{1 / row['macs_ratio']:.2f}x fewer MACs ({row['speedup'] * row['macs_ratio']:.2f} of the MACs "
                   f"reduction) and {1 / row['params_ratio']:.2f}x fewer parameters")
+    print_onnx_speedups(rows)
     csv_path, png_path, existed = write_benchmark(rows, Path(args.output_dir) / "benchmark", args.name, title)
     print(f"wrote {csv_path} and {png_path}{' (replacing the previous ones)' if existed else ''}")

@@ -25,6 +25,7 @@ from utils.engine import evaluate
 from utils.files import refuse_existing, release, reserve
 from utils.model import (build, count_macs, count_parameters, default_stride, fold_batchnorm, strip_aux_head,
                          tile_windows)
+from utils.onnx_model import OnnxNetwork, is_onnx_path
 from utils.recipe import eval_loader
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
 from utils.timing import deployed_latencies
@@ -58,7 +59,7 @@ def refuse_taken(outputs, overwrite, save_predictions):
 
 
 # Versions come from the installed packages' metadata: torch_pruning.__version__ says 1.6.0 in 1.6.1.
-VERSIONED_PACKAGES = ("torch", "torchvision", "torch-pruning", "numpy")
+VERSIONED_PACKAGES = ("torch", "torchvision", "torch-pruning", "numpy", "onnxruntime")
 MEANS_NOTE = ("over the classes present in the ground truth or the prediction (as mIoU); a precision or "
               "recall with nothing to divide (n/a in per_class) counts as 0 there")
 
@@ -89,7 +90,7 @@ def macs_per_image(model, args, image_size, device):
     """MACs the network spends on one image (of image_size): for a tiled run the sum over all its windows, so
     the figure stands beside the per-image latency."""
     windows, size = window_layout(args, image_size)
-    return windows * count_macs(model, size, device=device)[0]
+    return windows * network_macs(model, size, device)
 
 
 def latency_per_image(model, args, image_size, device):
@@ -99,8 +100,25 @@ def latency_per_image(model, args, image_size, device):
     return windows * deployed_latencies([model], size, device)[0]
 
 
+def network_macs(model, size, device):
+    """MACs of one forward at size: counted on a PyTorch network, from the graph's facts for an ONNX one."""
+    return model.macs(size) if isinstance(model, OnnxNetwork) else count_macs(model, size, device=device)[0]
+
+
+def load_network(args, device):
+    """(network, metadata): a PyTorch checkpoint by load_for_inference's rule, or an ONNX graph (--weights
+    X.onnx) run by onnxruntime behind the same module interface, so the one evaluation loop scores both."""
+    if not is_onnx_path(args.weights):
+        return load_for_inference(args.weights, args.pruned_model, args.use_pruned, device, args.allow_pickle)
+    network = OnnxNetwork(args.weights, device)
+    return network, {"path": args.weights, "format": f"onnx graph ({network.facts['precision']}, onnxruntime)",
+                     "arch": network.facts["arch"], "num_outputs": network.facts["num_classes"]}
+
+
 def model_facts(model, metadata, input_size, device):
     """Parameters and MACs of the network as evaluated, and how it compares with its dense original."""
+    if isinstance(model, OnnxNetwork):
+        return {"params": model.facts["params"], "macs": model.macs(input_size)}
     macs, _ = count_macs(model, input_size, device=device)
     facts = {"params": count_parameters(model), "macs": macs}
     if metadata.get("pruning") or metadata.get("format") == "pickled_model":
@@ -344,8 +362,7 @@ def run(args):
     require_path(args.test_dir, "test folder", "dir")
     dataset = data.S2DSDataset(args.test_dir, data.EvalTransform(args.eval_size), require_labels=True,
                                boundary_px=args.boundary_ignore)
-    model, metadata = load_for_inference(args.weights, args.pruned_model, args.use_pruned, device,
-                                         args.allow_pickle)
+    model, metadata = load_network(args, device)
     model = strip_aux_head(model)
     input_size = (args.tile, args.tile) if args.tile else tuple(dataset[0][0].shape[-2:])
     facts = model_facts(model, metadata, input_size, device)
