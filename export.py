@@ -21,6 +21,7 @@ from pathlib import Path
 from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, default_name, require_path, run_main, script_main
 from utils.deploy import int8_path, run_export
 from utils.files import refuse_existing
+from utils.model import add_output_stride_option
 from utils.quantize import check_calibration_split
 
 
@@ -41,6 +42,7 @@ def get_args_parser():
     parser.add_argument("--calib_images", type=int, default=16, metavar="N",
                         help="calibration images, spread over the split (default: %(default)s)")
     add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_output_stride_option(parser)
     add_bool(parser, "--overwrite", False, "replace an existing --output file")
     parser.add_argument("--device", default="auto",
                         help="where to trace and check: auto, cpu, cuda or cuda:N (default: %(default)s)")

@@ -23,6 +23,7 @@ import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_quiet, cap_workers, check_batch_memory, run_main, script_main
 from utils.losses import LOSSES
+from utils.model import add_output_stride_option
 from utils.prune_ops import IMPORTANCES
 from utils.recipe import OPTIMIZERS
 from utils.study import check_args, run
@@ -34,6 +35,7 @@ def get_args_parser():
     model.add_argument("--state_dict", required=True, metavar="W.pth",
                        help="trained weights: a CrackSense checkpoint or a plain state_dict (thesis *_weights.pth)")
     add_bool(model, "--allow_pickle", False, "accept a whole pickled model (unpickling runs code from the file)")
+    add_output_stride_option(model)
 
     grid = parser.add_argument_group("the grid (every combination runs)")
     grid.add_argument("--pruning_ratio", type=float, nargs="+", required=True, metavar="PERCENT",

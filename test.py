@@ -16,6 +16,7 @@ from utils.checkpoint import check_model_options
 from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, run_main,
                        script_main)
 from utils.evaluation import run
+from utils.model import add_output_stride_option
 
 
 def get_args_parser():
@@ -32,6 +33,7 @@ def get_args_parser():
                        help="pruned network whose architecture holds --weights (or, alone, is evaluated)")
     add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
     add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_output_stride_option(model)
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_size", type=int, default=None,

@@ -16,7 +16,7 @@ import argparse
 from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, plain_name,
                        resolve_device, run_main, script_main)
 from utils.losses import LOSSES
-from utils.model import ARCHS, INITS
+from utils.model import ARCHS, INITS, add_output_stride_option
 from utils.prune_ops import IMPORTANCES
 from utils.pruning import run
 from utils.recipe import OPTIMIZERS
@@ -38,6 +38,7 @@ def get_args_parser():
     add_bool(model, "--keep_feature_extract", False,
              "as in training: fine-tune only the classifier head between steps (all layers are still pruned)")
     add_bool(model, "--allow_pickle", False, "accept a whole pickled model (unpickling runs code from the file)")
+    add_output_stride_option(model)
 
     pruning = parser.add_argument_group("pruning")
     pruning.add_argument("--pruning_ratio", type=float, required=True, metavar="PERCENT",

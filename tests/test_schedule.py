@@ -183,3 +183,47 @@ def test_bad_config_is_one_line(dataset_dir, tmp_path, content, fragment):
     result = run_script("train.py", "--config", config, dataset_dir / "train", dataset_dir / "val", "x", *FAST,
                         *MOBILE, "--output_dir", tmp_path)
     assert_user_error(result, fragment)
+
+
+@pytest.fixture(scope="module")
+def stride16_checkpoint(tmp_path_factory):
+    network = models.build("deeplabv3_resnet50", 7, init="none", aux_loss=False, stride=16).eval()
+    path = tmp_path_factory.mktemp("os16") / "os16.pth"
+    save_atomic(make_checkpoint(network, "deeplabv3_resnet50"), path)
+    return path
+
+
+@pytest.mark.parametrize("override, expected", [([], 16), (["--output_stride", "8"], 8)])
+def test_pruning_keeps_the_recorded_stride_unless_overridden(stride16_checkpoint, tmp_path, override, expected):
+    import torchvision_pruning
+
+    torchvision_pruning.main(["--state_dict", str(stride16_checkpoint), "--pruning_ratio", "20",
+                              "--importance_type", "Magnitude", "--model_name", "p", "--measure_size", "64",
+                              "--latency_runs", "0", "--workers", "0", "--device", "cpu", "--output_dir", str(tmp_path), *override])
+    pruned, metadata = load_model(tmp_path / "pruned" / "p.pth")
+    assert metadata["output_stride"] == models.output_stride(pruned) == expected
+
+
+def test_export_and_benchmark_run_the_recorded_stride(stride16_checkpoint, tmp_path, capsys):
+    import benchmark
+    import export
+
+    export.main([str(stride16_checkpoint), "--output", str(tmp_path / "os16.onnx"), "--size", "64", "--device", "cpu"])
+    assert "parity check passed" in capsys.readouterr().out
+    from utils.deploy import prepare_variant
+
+    for stride, side in ((None, 4), (8, 8)):  # 64 px at stride 16 and 8: 4 and 8 feature cells a side
+        variant = prepare_variant(stride16_checkpoint, "x", 64, 1, torch.device("cpu"), stride=stride)
+        with torch.no_grad():
+            assert variant.network.model.backbone(variant.image)["out"].shape[-1] == side
+    benchmark.main([str(stride16_checkpoint), "--size", "64", "--runs", "1", "--warmup", "0", "--output_stride", "8",
+                    "--device", "cpu", "--output_dir", str(tmp_path)])
+
+
+def test_test_py_refuses_a_stride_for_an_onnx_graph(stride16_checkpoint, dataset_dir, tmp_path):
+    import export
+
+    export.main([str(stride16_checkpoint), "--output", str(tmp_path / "g.onnx"), "--size", "64", "--device", "cpu"])
+    result = run_script("test.py", dataset_dir / "test", "--weights", tmp_path / "g.onnx", "--output_stride", "8",
+                        "--output_dir", tmp_path)
+    assert_user_error(result, "--output_stride", "ONNX")

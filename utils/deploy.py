@@ -188,7 +188,8 @@ def run_export(args):
     quantise it beside, print the trtexec lines; exit status 1 when the parity check fails (the file is kept)."""
     output = args.output
     device = resolve_device(args.device)
-    model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle)
+    model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle,
+                                 stride=args.output_stride)
     reference = LogitsOnly(model, metadata["num_classes"]).eval()
     facts = graph_facts(reference, metadata, args.size, "float16" if args.half else "float32", args.checkpoint)
     fold_batchnorm(reference)
@@ -247,10 +248,10 @@ class Variant:
 
 
 def prepare_variant(path, label, size, batch, device, half=False, channels_last=False, allow_pickle=False,
-                    fold=True):
+                    fold=True, stride=None):
     """Load a checkpoint as deployed (main-head logits only), count its MACs, fold its BatchNorms (fold=True),
     move it and its input."""
-    model, metadata = load_model(path, device="cpu", allow_pickle=allow_pickle)
+    model, metadata = load_model(path, device="cpu", allow_pickle=allow_pickle, stride=stride)
     network = LogitsOnly(model, metadata["num_classes"]).eval()
     macs, params = count_macs(network, size)
     if fold:
@@ -366,7 +367,7 @@ def add_throughput(rows, gemm):
 
 
 def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20, warmup=3, half=False,
-                   channels_last=False, onnx=False, allow_pickle=False, progress=True, fold=True):
+                   channels_last=False, onnx=False, allow_pickle=False, progress=True, fold=True, stride=None):
     """Every checkpoint measured in one process, so the numbers are comparable; returns rows with ratios,
     GFLOP/s and the fraction of the same process's GEMM rate (in row["gemm_gflops"])."""
     if half and device.type != "cuda":
@@ -375,7 +376,7 @@ def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20
         if not os.path.isfile(path):
             raise UserError(f"checkpoint not found: {path}")
     variants = [prepare_onnx_variant(path, label, size, batch, device) if is_onnx_path(path) else
-                prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold)
+                prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold, stride)
                 for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading",
                                         disable=not progress_enabled(progress),
                                         dynamic_ncols=True)]
@@ -442,7 +443,8 @@ def run_benchmark(args):
     """benchmark.py: every checkpoint measured in one process, printed as a table, saved as CSV and plot."""
     device = resolve_device(args.device)
     rows = benchmark_rows(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
-                          args.channels_last, args.onnx, args.allow_pickle, fold=args.fold_batchnorm)
+                          args.channels_last, args.onnx, args.allow_pickle, fold=args.fold_batchnorm,
+                          stride=args.output_stride)
     title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
     if device.type == "cpu":
         print(cpu_description())

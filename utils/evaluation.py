@@ -109,7 +109,11 @@ def load_network(args, device):
     """(network, metadata): a PyTorch checkpoint by load_for_inference's rule, or an ONNX graph (--weights
     X.onnx) run by onnxruntime behind the same module interface, so the one evaluation loop scores both."""
     if not is_onnx_path(args.weights):
-        return load_for_inference(args.weights, args.pruned_model, args.use_pruned, device, args.allow_pickle)
+        return load_for_inference(args.weights, args.pruned_model, args.use_pruned, device, args.allow_pickle,
+                                  stride=args.output_stride)
+    if args.output_stride is not None:
+        raise UserError(f"--output_stride cannot change {args.weights}: an ONNX graph has its stride built in; "
+                        f"export the checkpoint again with export.py --output_stride")
     network = OnnxNetwork(args.weights, device)
     return network, {"path": args.weights, "format": f"onnx graph ({network.facts['precision']}, onnxruntime)",
                      "arch": network.facts["arch"], "num_outputs": network.facts["num_classes"]}

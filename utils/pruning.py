@@ -27,20 +27,21 @@ from utils.report import write_csv
 from utils.timing import deployed_latencies
 
 
-def load_for_pruning(state_dict=None, arch=None, init=None, allow_pickle=False):
+def load_for_pruning(state_dict=None, arch=None, init=None, allow_pickle=False, stride=None):
     """(model, arch, earlier pruning history, source) from --state_dict, or a fresh --arch/--init network.
 
     Accepts our checkpoints (dense or already pruned: the new history continues the old one), thesis
     state_dicts (8th output dropped) and, behind --allow_pickle, whole pickled models. Files of a pruned
     network without a history get one that reproduces their widths, so --pruning_ratio 0 converts a
-    thesis pickle into a pickle-free checkpoint.
+    thesis pickle into a pickle-free checkpoint. `stride` overrides the output stride the file records (a new
+    network: 8 unless given); pruning and fine-tuning then run at it.
     """
     if state_dict is None:
         if init is None:
             raise UserError("nothing to prune: pass --state_dict W.pth (the trained network), or --init "
                             "coco|imagenet|none to prune an untrained --arch on purpose")
         arch = arch or models.DEFAULT_ARCH
-        return models.build(arch, data.NUM_CLASSES, init=init), arch, [], f"--init {init}"
+        return models.build(arch, data.NUM_CLASSES, init=init, stride=stride), arch, [], f"--init {init}"
     if init is not None:
         raise UserError("--init and --state_dict contradict each other: the weights come from --state_dict")
     checkpoint = read_checkpoint(state_dict, allow_pickle=allow_pickle)
@@ -56,6 +57,8 @@ def load_for_pruning(state_dict=None, arch=None, init=None, allow_pickle=False):
     if not history and shapes_differ(model, weights):
         history = match_pruned_widths(model, weights)
     load_weights(model, weights, state_dict)
+    if stride is not None:
+        models.set_output_stride(model, stride)
     return model, checkpoint["arch"], history, str(state_dict)
 
 
@@ -194,7 +197,7 @@ def run(args):
     context = DistContext(device=torch.device(args.device))
     seed_everything(args.seed)
     model, arch, earlier_history, source = load_for_pruning(args.state_dict, args.arch, args.init,
-                                                            args.allow_pickle)
+                                                            args.allow_pickle, args.output_stride)
     paths = output_paths(args.output_dir,
                          args.model_name or default_model_name(arch, kind, args.p_value, args.pruning_ratio))
     # The steps table is written as the steps go: one without its checkpoint is a failed run's, replaced.

@@ -51,7 +51,7 @@ OUTPUT_FILES = ("study.json", "study.csv", "study_summary.csv", "study.xlsx", "s
 SETTINGS = ("state_dict", "data", "val_data", "test_data", "importance_type", "p_value", "pruning_ratio",
             "iterative_steps", "global_pruning", "round_to", "finetune_epochs", "step_finetune_epochs",
             "calib_batches", "calib_mode", "batch_size", "crop_size", "lr", "optimizer", "weight_decay", "loss",
-            "measure_size", "lt_tolerance", "seeds")
+            "measure_size", "lt_tolerance", "seeds", "output_stride")
 PATH_SETTINGS = ("state_dict", "data", "val_data", "test_data")
 DENSE, TWIN = "dense", "dense_finetuned"
 
@@ -90,6 +90,7 @@ class StudyOptions:
     device: str
     workers: int
     seeds: tuple
+    output_stride: int | None = None
 
     @classmethod
     def from_namespace(cls, args):
@@ -433,7 +434,8 @@ def set_up(options):
     save_manifest(folder, manifest)
     context = DistContext(device=torch.device(options.device))
     seed_everything(options.seed)
-    dense, arch, history, source = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle)
+    dense, arch, history, source = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle,
+                                                    stride=options.output_stride)
     dense.to(context.device)
     prepared = prepare_data(options, context)
     study = Study(options, folder, manifest, context, prepared, dense, arch, history, source)
