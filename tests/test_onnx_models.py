@@ -18,7 +18,6 @@ from conftest import REPO, assert_user_error, run_script
 from utils.cli import UserError
 from utils.deploy import cpu_description
 from utils.onnx_model import OnnxNetwork, onnx_session
-from utils.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +136,10 @@ def test_export_int8_without_calibration_images_gives_one_line(mobilenet_checkpo
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m_int8.onnx").exists()  # refused before export
 
 
-def test_export_int8_refuses_a_split_smaller_than_the_graphs_batch(mobilenet_checkpoint, tmp_path):
-    generate(tmp_path / "one", count=1, size=32, seed=1, splits=(("val", 1.0),))
-    with pytest.raises(UserError, match="fewer than the graph's batch of 2"):
-        export.main([str(mobilenet_checkpoint), "--output", str(tmp_path / "m.onnx"), "--size", "32", "--batch", "2",
-                     "--int8", "--calib_data", str(tmp_path / "one" / "val"), "--device", "cpu", "--quiet"])
+def test_export_int8_refuses_a_split_smaller_than_the_graphs_batch(mobilenet_checkpoint, dataset_dir, tmp_path):
+    with pytest.raises(UserError, match="holds 2 image\\(s\\), fewer than the graph's batch of 4"):
+        export.main([str(mobilenet_checkpoint), "--output", str(tmp_path / "m.onnx"), "--size", "32", "--batch", "4",
+                     "--int8", "--calib_data", str(dataset_dir / "val"), "--device", "cpu", "--quiet"])
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m_int8.onnx").exists()
 
 
@@ -178,7 +176,7 @@ def test_test_py_refuses_an_onnx_file_that_is_not_from_export(dataset_dir, tmp_p
     (train, ["TRAIN", "VAL", "run", "--load_pretrained_weights", "ONNX", "--arch", "deeplabv3_mobilenet_v3_large",
              "--epochs", "1", "--workers", "0", "--device", "cpu"]),
     (torchvision_pruning, ["--state_dict", "ONNX", "--pruning_ratio", "10", "--device", "cpu"]),
-    (inference, ["--state_dict", "ONNX", "--image", "IMAGE", "--device", "cpu"]),
+    (inference, ["--state_dict", "ONNX", "--image", "IMAGE", "--save_figure", "--device", "cpu"]),
     (export, ["ONNX", "--output", "OUT"]),
 ])
 def test_onnx_where_a_checkpoint_is_required_is_refused(exported, dataset_dir, tmp_path, script, argv):
