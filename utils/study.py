@@ -272,8 +272,12 @@ def open_study(folder, settings, overwrite):
     if manifest_path.is_file() and not overwrite:
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            manifest = None
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UserError(f"{manifest_path} is damaged ({str(error).splitlines()[0][:80]}), so the study cannot "
+                            f"resume; pass --overwrite to start it again, or choose another --name") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings", {}), dict):
+            raise UserError(f"{manifest_path} is damaged (not a study manifest), so the study cannot resume; pass "
+                            f"--overwrite to start it again, or choose another --name")
         if manifest is not None and manifest.get("settings") == settings and "runs" in manifest:
             return manifest
         changed = sorted(key for key in settings if manifest is None or
