@@ -373,3 +373,112 @@ def test_scripts_refuse_bad_names_devices_and_options_in_one_line(tmp_path, data
     assert_user_error(run_script("test.py", dataset_dir / "test", "--weights", mobilenet_checkpoint,
                                  "--device", "mps", "--output_dir", tmp_path), "--device")
     assert not any(tmp_path.iterdir())
+
+
+# --- issue 20: a damaged study manifest is named as damaged ------------------------------------------------
+
+@pytest.mark.parametrize("content", ['{"settings": {"arch": "deeplabv3_resnet', "[1, 2]", "\xff\xfe"])
+def test_damaged_study_manifest_is_named_as_damaged(tmp_path, content):
+    from utils.study import MANIFEST, open_study
+
+    manifest = tmp_path / MANIFEST
+    manifest.write_bytes(content.encode("latin-1"))
+    before = manifest.read_bytes()
+    with pytest.raises(UserError, match=f"{MANIFEST} is damaged.*--overwrite") as info:
+        open_study(str(tmp_path), {"arch": "x"}, overwrite=False)
+    assert "other arguments" not in str(info.value)
+    assert manifest.read_bytes() == before
+
+
+# --- issue 20: bounded resources, input/output separation, one train.py per run folder -----------------------
+
+def test_workers_are_capped_at_the_usable_cpus_with_one_note(capsys, monkeypatch):
+    from utils.cli import cap_workers, usable_cpus
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpus = usable_cpus()
+    assert cap_workers(1000) == cpus
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and f"--workers 1000" in out[0] and f"using {cpus}" in out[0]
+    assert cap_workers(0) == 0 and cap_workers(cpus) == cpus
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus * 2))  # torchrun's processes share the CPUs, at least 1 each
+    assert cap_workers(1000) == 1
+
+
+def test_train_parses_workers_1000_into_the_cpu_count(dataset_dir, capsys):
+    args = train.get_args_parser().parse_args([str(dataset_dir / "train"), str(dataset_dir / "val"), "x",
+                                               "--workers", "1000"])
+    train.check_args(args)
+    from utils.cli import usable_cpus
+
+    assert args.workers == usable_cpus()
+    assert "note: --workers 1000" in capsys.readouterr().out
+
+
+def test_a_batch_larger_than_memory_is_refused_before_any_work(tmp_path, dataset_dir):
+    result = run_script("train.py", dataset_dir / "train", dataset_dir / "val", "huge", "--crop_size", "200000",
+                        "--batch_size", "64", "--output_dir", tmp_path, "--device", "cpu")
+    assert_user_error(result, "--batch_size x --crop_size", "GiB", "memory")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("pattern", [False, True])
+def test_inference_refuses_an_output_folder_inside_its_input_folder(tmp_path, mobilenet_checkpoint, pattern):
+    import inference
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(photos / "a.png")
+    image = str(photos / "*.png") if pattern else str(photos)
+    with pytest.raises(UserError, match="inside the input folder .*photos.*--output_dir outside"):
+        inference.main(["--state_dict", str(mobilenet_checkpoint), "--image", image, "--save_figure",
+                        "--device", "cpu", "--output_dir", str(photos)])
+    assert os.listdir(photos) == ["a.png"]
+    outputs = tmp_path / "out" / "inference"  # the issue's case: --image OUT/inference --output_dir OUT
+    outputs.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(outputs / "b_m_overlay.png")
+    with pytest.raises(UserError, match="inside the input folder"):
+        inference.main(["--state_dict", str(mobilenet_checkpoint), "--image", str(outputs), "--save_figure",
+                        "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--name", "m"])
+    assert os.listdir(outputs) == ["b_m_overlay.png"]
+
+
+def test_a_second_train_with_the_same_run_name_is_refused_while_the_first_runs(tmp_path, dataset_dir):
+    from utils.files import hold_folder_lock, release_folder_locks
+
+    run_dir = tmp_path / "out" / "runs" / "same"
+    hold_folder_lock(str(run_dir), "busy")  # what the first train.py holds while it runs
+    try:
+        second = run_script("train.py", dataset_dir / "train", dataset_dir / "val", "same", "--output_dir",
+                            tmp_path / "out", "--init", "none", "--device", "cpu", "--workers", "0")
+        assert_user_error(second, "in use by another train.py", "RUN_NAME")
+    finally:
+        release_folder_locks()
+    assert os.listdir(run_dir) == []
+
+
+def test_the_run_folder_of_a_killed_train_is_free_at_once(tmp_path):
+    """A stale claim cannot exist: the kernel drops a dead process's flock, so no lock file needs taking over."""
+    import signal
+    import subprocess
+    import sys
+
+    from utils.files import hold_folder_lock, release_folder_locks
+
+    run_dir = tmp_path / "runs" / "killed"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from utils.files import hold_folder_lock; hold_folder_lock(sys.argv[2], 'busy'); "
+                               "print('held', flush=True); time.sleep(600)",
+                               os.path.dirname(os.path.dirname(__file__)), str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="busy"):
+            hold_folder_lock(str(run_dir), "busy")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    hold_folder_lock(str(run_dir), "busy")
+    release_folder_locks()
+    assert os.listdir(run_dir) == []
