@@ -311,8 +311,11 @@ def time_variants(variants, runs, warmup, device, onnx=False):
 
 
 def print_onnx_speedups(rows):
-    """One line per onnxruntime row against the first onnxruntime row (e.g. INT8 against float32)."""
+    """One line per onnxruntime row against the first onnxruntime row (e.g. INT8 against float32), where a
+    checkpoint came first (else run_benchmark's lines already say it)."""
     onnx_rows = [row for row in rows if row["backend"] == "onnxruntime"]
+    if rows[0]["backend"] == "onnxruntime":
+        return  # already compared with the first row, which is the first onnxruntime row
     for row in onnx_rows[1:]:
         print(f"{row['model']} ({row['dtype']}, onnxruntime): {row['speedup']:.2f}x the speed of "
               f"{onnx_rows[0]['model']} ({onnx_rows[0]['dtype']}, onnxruntime) with {1 / row['macs_ratio']:.2f}x "
