@@ -112,14 +112,9 @@ def _config_value(action, value, path):
     return value
 
 
-def apply_config(parser, argv):
-    """Make the options of `--config FILE` in argv the parser's defaults (checked: an option the script does not
-    have, a bad type or choice is one line). Positional arguments are always given on the command line."""
-    finder = argparse.ArgumentParser(add_help=False)
-    finder.add_argument("--config")
-    path = finder.parse_known_args(argv)[0].config
-    if not path:
-        return
+def apply_config(parser, path):
+    """Make the option values in the JSON file `path` the parser's defaults (checked: an option the script does
+    not have, a bad type or choice is one line). Positional arguments are always given on the command line."""
     values = _read_config(path)
     options = {action.dest: action for action in parser._actions if action.option_strings}
     positional = {action.dest for action in parser._actions if not action.option_strings}
@@ -136,9 +131,10 @@ def script_main(get_parser, run, check=None):
     argparse cannot (check(args)), run(args)."""
     def main(argv=None):
         parser = get_parser()
-        if any("--config" in action.option_strings for action in parser._actions):
-            apply_config(parser, sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
+        if getattr(args, "config", None):  # parse again over the file's values: the command line still wins
+            apply_config(parser, args.config)
+            args = parser.parse_args(argv)
         set_quiet(getattr(args, "quiet", False))
         if check is not None:
             check(args)
