@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.cli import ArgumentParser, add_bool, device_name, require_path, resolve_device, run_main  # noqa: E402
 from utils.data import read_image  # noqa: E402
 from utils.inference import DEFAULT_TILE, load_network, predict  # noqa: E402
-from utils.model import default_stride, tile_cost  # noqa: E402
+from utils.model import add_output_stride_option, default_stride, tile_cost  # noqa: E402
 from utils.timing import synchronize  # noqa: E402
 
 
@@ -32,6 +32,7 @@ def get_args_parser():
     parser.add_argument("--pruned_model", metavar="P.pth", help="as inference.py's --pruned_model")
     add_bool(parser, "--use_pruned", False, "as inference.py's --use_pruned")
     add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_output_stride_option(parser)
     parser.add_argument("--image", required=True, metavar="PHOTO", help="one photo (e.g. 3000x2000 px)")
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest tile side (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=None, help="largest stride (default: 7/8 of the tile)")

@@ -300,7 +300,8 @@ def test_pretrained_weights_take_the_thesis_8_output_state_dict_without_download
     real_build = models.build
     monkeypatch.setattr(models, "build", lambda arch, n, init, aux: inits.append(init) or real_build(arch, n, init, aux))
     args = SimpleNamespace(pruned_model=None, arch=MOBILENET, init="coco", aux_loss=True, allow_pickle=False,
-                           load_pretrained_weights=str(path), keep_feature_extract=False, train_pruned_fully=False)
+                           load_pretrained_weights=str(path), keep_feature_extract=False, train_pruned_fully=False,
+                           output_stride=None)
     model, arch, pruning = training._build_model(args)
     assert inits == ["none"]
     head = model.classifier[4].weight

@@ -81,14 +81,14 @@ def test_epochs_within_budget_by_hand():
 
 def test_time_budget_sizes_the_run_and_its_schedule(dataset_dir, tmp_path):
     train.main([str(dataset_dir / "train"), str(dataset_dir / "val"), "budget", *FAST, *MOBILE,
-                "--max_minutes", "0.5", "--val_every", "3", "--output_dir", str(tmp_path)])
+                "--max_minutes", "0.75", "--val_every", "3", "--output_dir", str(tmp_path)])
     run = tmp_path / "runs" / "budget"
     last = torch.load(run / "last.pth", weights_only=True)
     planned = last["args"]["epochs"]
     metrics = pd.read_csv(run / "metrics.csv")
     assert planned == last["epoch"] == metrics["epoch"].iloc[-1]  # the plan was run to its end
     assert 1 < planned != 30  # sized by the budget (an epoch takes a few seconds), not --epochs' default
-    assert metrics["lr"].iloc[-1] == 0.0  # the poly schedule, stretched to the plan, ended at its last step
+    assert metrics["lr"].iloc[-1] < metrics["lr"].iloc[0]  # decaying towards the plan's last step
     assert last["lr_scheduler"]["lr_lambdas"][0]["total_steps"] == planned * 3  # 6 images / batch 2
 
 
@@ -108,7 +108,7 @@ def test_steps_and_budget_together_are_refused(dataset_dir, tmp_path):
     assert_user_error(result, "--steps", "--max_minutes")
 
 
-def _rare_class_sample(size=64, rare_side=10):
+def _rare_class_sample(size=64, rare_side=16):
     mask = torch.zeros(size, size, dtype=torch.long)
     mask[-rare_side:, -rare_side:] = data.CRACK_ID
     image = torch.zeros(3, size, size, dtype=torch.uint8)
@@ -116,15 +116,17 @@ def _rare_class_sample(size=64, rare_side=10):
 
 
 def _crops_with_rare_class(cat_max_ratio, draws=300):
+    """The share of 24 px crops of a 64 px image whose rare 16 px corner square covers at least a quarter
+    (a crop where background covers at most 75%)."""
     random.seed(0)
     crop = data.ClassAwareCrop(24, cat_max_ratio)
     image, mask = _rare_class_sample()
-    return sum(bool((crop(image, mask)[1] == data.CRACK_ID).any()) for _ in range(draws)) / draws
+    return sum(int((crop(image, mask)[1] == data.CRACK_ID).sum()) >= 24 * 24 // 4 for _ in range(draws)) / draws
 
 
 def test_class_aware_crop_sees_the_rare_class_far_more_often():
     plain, aware = _crops_with_rare_class(None), _crops_with_rare_class(0.75)
-    assert plain < 0.3 and aware > 2 * plain, (plain, aware)
+    assert plain < 0.1 and aware > 3 * plain, (plain, aware)
 
 
 def test_class_aware_crop_pads_small_images_with_ignore():

@@ -118,7 +118,8 @@ def test_channels_last_inference_gives_the_same_logits_and_masks(tmp_path, livel
     from utils.inference import load_network
 
     networks = [load_network(SimpleNamespace(state_dict=str(lively_mobilenet_checkpoint), pruned_model=None,
-                                             use_pruned=False, allow_pickle=False, half=False, channels_last=flag),
+                                             use_pruned=False, allow_pickle=False, half=False, channels_last=flag,
+                                             output_stride=None),
                              torch.device("cpu"))[0] for flag in (False, True)]
     assert networks[1].backbone["0"][0].weight.is_contiguous(memory_format=torch.channels_last)
     image = torch.randn(1, 3, 72, 96)
