@@ -21,7 +21,8 @@ NAME need --overwrite.
 """
 import argparse
 
-from utils.cli import ArgumentParser, add_bool, add_quiet, cap_workers, check_batch_memory, run_main, script_main
+from utils.cli import (ArgumentParser, add_bool, add_config, add_quiet, cap_workers, check_batch_memory, run_main,
+                       script_main)
 from utils.losses import LOSSES
 from utils.model import add_output_stride_option
 from utils.prune_ops import IMPORTANCES
@@ -94,6 +95,7 @@ def get_args_parser():
                         help="repeat every variant and the dense fine-tuned twin once per seed (pruning randomness, "
                              "Taylor's calibration batches, crops, fine-tuning order); the tables give mean and "
                              "spread over seeds, e.g. --seeds 1 2 3 (default: 42)")
+    add_config(parser)
     add_quiet(parser)
     return parser
 

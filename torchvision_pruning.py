@@ -13,8 +13,8 @@ and NAME_steps.csv (per step: ratio, MACs, params, val mIoU, seconds).
 """
 import argparse
 
-from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, plain_name,
-                       resolve_device, run_main, script_main)
+from utils.cli import (ArgumentParser, UserError, add_bool, add_config, add_quiet, cap_workers, check_batch_memory,
+                       plain_name, resolve_device, run_main, script_main)
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS, add_output_stride_option
 from utils.prune_ops import IMPORTANCES
@@ -97,6 +97,7 @@ def get_args_parser():
     system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
     system.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    add_config(parser)
     add_quiet(parser)
     return parser
 

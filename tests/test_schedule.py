@@ -229,3 +229,18 @@ def test_test_py_refuses_a_stride_for_an_onnx_graph(stride16_checkpoint, dataset
     result = run_script("test.py", dataset_dir / "test", "--weights", tmp_path / "g.onnx", "--output_stride", "8",
                         "--output_dir", tmp_path)
     assert_user_error(result, "--output_stride", "ONNX")
+
+
+def test_pruning_takes_its_settings_from_a_config_file(tmp_path):
+    import torchvision_pruning
+
+    network = models.build("deeplabv3_mobilenet_v3_large", 7, init="none").eval()
+    save_atomic(make_checkpoint(network, "deeplabv3_mobilenet_v3_large"), tmp_path / "dense.pth")
+    config = tmp_path / "prune.json"
+    config.write_text(json.dumps({"state_dict": str(tmp_path / "dense.pth"), "pruning_ratio": 30,
+                                  "importance_type": "Magnitude", "model_name": "from_config", "latency_runs": 0,
+                                  "measure_size": 64, "device": "cpu", "output_dir": str(tmp_path)}))
+    torchvision_pruning.main(["--config", str(config), "--model_name", "given"])  # the command line wins
+    assert (tmp_path / "pruned" / "given.pth").is_file() and not (tmp_path / "pruned" / "from_config.pth").exists()
+    result = run_script("study.py", "--config", config, "--output_dir", tmp_path)
+    assert_user_error(result, "model_name is not an option")

@@ -122,8 +122,20 @@ def apply_config(parser, path):
     if unknown:
         raise UserError(f"--config {path}: {', '.join(unknown)} "
                         f"{'is not an option' if len(unknown) == 1 else 'are not options'} of this script")
-    parser.set_defaults(**{key: _config_value(options[key], value, path) for key, value in values.items()
-                           if key in options and key not in NOT_FROM_CONFIG + CONFIG_METADATA})
+    taken = {key: _config_value(options[key], value, path) for key, value in values.items()
+             if key in options and key not in NOT_FROM_CONFIG + CONFIG_METADATA}
+    for key in taken:
+        options[key].required = False  # the file gives it
+    parser.set_defaults(**taken)
+
+
+def _config_path(parser, argv):
+    """--config's value in argv where the script has --config (the command line still wins over the file)."""
+    if not any("--config" in action.option_strings for action in parser._actions):
+        return None
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    return finder.parse_known_args(sys.argv[1:] if argv is None else argv)[0].config
 
 
 def script_main(get_parser, run, check=None):
@@ -131,10 +143,12 @@ def script_main(get_parser, run, check=None):
     argparse cannot (check(args)), run(args)."""
     def main(argv=None):
         parser = get_parser()
+        config = _config_path(parser, argv)
+        if config and os.path.exists(config):  # before parsing: the file may give required options
+            apply_config(parser, config)
         args = parser.parse_args(argv)
-        if getattr(args, "config", None):  # parse again over the file's values: the command line still wins
-            apply_config(parser, args.config)
-            args = parser.parse_args(argv)
+        if config and not os.path.exists(config):
+            apply_config(parser, config)  # a one-line error
         set_quiet(getattr(args, "quiet", False))
         if check is not None:
             check(args)
