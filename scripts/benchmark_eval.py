@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import data  # noqa: E402
 from utils.checkpoint import load_for_inference  # noqa: E402
-from utils.engine import autocast  # noqa: E402
+from utils.engine import EvalSettings, autocast  # noqa: E402
 from utils.cli import ArgumentParser, device_name, resolve_device, run_main  # noqa: E402
 from utils.evaluation import evaluate_split  # noqa: E402
 from utils.model import ARCHS, build, strip_aux_head  # noqa: E402
@@ -57,8 +57,8 @@ def bare_forward_rate(model, batches, device, amp):
 
 
 def loop_rate(model, dataset, device, args):
-    result = evaluate_split(model, dataset, device, args.batch_size, args.workers, args.amp, tolerance_px=4,
-                            progress=False)
+    settings = EvalSettings(data.NUM_CLASSES, args.amp, tolerance_px=4, progress=False)
+    result = evaluate_split(model, dataset, device, settings, args.batch_size, args.workers)
     return result.images / result.seconds, result.images / result.forward_seconds
 
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.cli import ArgumentParser, add_bool, device_name, require_path, resolve_device, run_main  # noqa: E402
 from utils.data import read_image  # noqa: E402
-from utils.inference import DEFAULT_TILE, load_network, predict  # noqa: E402
-from utils.model import add_output_stride_option, default_stride, tile_cost  # noqa: E402
+from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, load_network, predict  # noqa: E402
+from utils.model import Tiling, add_output_stride_option, default_stride, tile_cost  # noqa: E402
 from utils.timing import synchronize  # noqa: E402
 
 
@@ -44,11 +44,11 @@ def get_args_parser():
     return parser
 
 
-def timed_prediction(model, image, num_classes, device, dtype, **tiling):
+def timed_prediction(model, image, num_classes, device, dtype, tiling=Tiling(), max_size=DEFAULT_MAX_SIZE):
     """(class ids, seconds) of one prediction, GPU work waited for."""
     synchronize(device)
     started = time.perf_counter()
-    ids = predict(model, image, num_classes, device, dtype=dtype, **tiling)
+    ids = predict(model, image, num_classes, device, tiling, max_size, dtype)
     synchronize(device)
     return ids, time.perf_counter() - started
 
@@ -71,8 +71,7 @@ def main(argv=None):
                 (args.tile, args.tile // 2, "half-tile stride, the former default")]
     for tile, stride, what in settings:
         count, cost = tile_cost(height, width, tile, stride)
-        ids, seconds = timed_prediction(model, image, num_classes, device, dtype, tile=tile, stride=stride,
-                                        tile_batch=args.tile_batch)
+        ids, seconds = timed_prediction(model, image, num_classes, device, dtype, Tiling(tile, stride, args.tile_batch))
         agreement = float(np.mean(ids == whole))
         print(f"tile {tile}, stride {stride} ({what}): {count} windows, {cost:.2f}x the photo's pixels, "
               f"{seconds:.2f} s, {100 * agreement:.2f}% of pixels agree with the whole-photo mask")

@@ -12,7 +12,7 @@ from utils import data, model as models
 from utils.checkpoint import load_model, make_checkpoint, save_atomic
 from utils.cli import UserError, run_main
 from utils.inference import predict
-from utils.model import forward_logits, sliding_window_logits
+from utils.model import Tiling, forward_logits, sliding_window_logits
 from utils.visualize import blend, side_by_side_size
 
 
@@ -142,10 +142,10 @@ def test_one_tile_the_size_of_the_image_equals_the_whole_image(lively_mobilenet_
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         whole = forward_logits(model, image, data.NUM_CLASSES)
-        tiled = sliding_window_logits(model, image, data.NUM_CLASSES, tile=64, stride=32)
+        tiled = sliding_window_logits(model, image, data.NUM_CLASSES, Tiling(64, 32))
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
     photo = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(predict(model, photo, data.NUM_CLASSES, torch.device("cpu"), tile=64),
+    np.testing.assert_array_equal(predict(model, photo, data.NUM_CLASSES, torch.device("cpu"), Tiling(64)),
                                   predict(model, photo, data.NUM_CLASSES, torch.device("cpu")))
 
 
@@ -170,9 +170,9 @@ def test_overlapping_tiles_blend_back_to_the_whole_image_prediction():
     image = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         whole = forward_logits(model, image, data.NUM_CLASSES)
-        tiled = sliding_window_logits(model, image, data.NUM_CLASSES, tile=32, stride=20)
+        tiled = sliding_window_logits(model, image, data.NUM_CLASSES, Tiling(32, 20))
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(predict(model, photo, data.NUM_CLASSES, torch.device("cpu"), tile=32, stride=20),
+    np.testing.assert_array_equal(predict(model, photo, data.NUM_CLASSES, torch.device("cpu"), Tiling(32, 20)),
                                   predict(model, photo, data.NUM_CLASSES, torch.device("cpu")))
 
 

@@ -60,17 +60,17 @@ def test_tiled_prediction_with_one_full_tile_equals_whole_image():
     image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         whole = models.forward_logits(network, image, 7)
-    tiled = models.sliding_window_logits(network, image, 7, tile=96, stride=96)
+    tiled = models.sliding_window_logits(network, image, 7, models.Tiling(96, 96))
     assert tiled.shape == (1, 7, 64, 96)
     assert torch.allclose(tiled, whole, atol=1e-4)
 
 
 def test_tiled_prediction_covers_large_images_at_full_size():
     network = models.build("lraspp_mobilenet_v3_large", 7, init="none").eval()
-    tiled = models.sliding_window_logits(network, torch.randn(1, 3, 100, 150), 7, tile=64, stride=48)
+    tiled = models.sliding_window_logits(network, torch.randn(1, 3, 100, 150), 7, models.Tiling(64, 48))
     assert tiled.shape == (1, 7, 100, 150) and torch.isfinite(tiled).all()
     with pytest.raises(UserError, match="--stride"):
-        models.sliding_window_logits(network, torch.randn(1, 3, 64, 64), 7, tile=32, stride=40)
+        models.Tiling(32, 40)
 
 
 def test_count_macs_counts_the_deployed_network_and_grows_with_input():
@@ -146,10 +146,10 @@ def test_batched_tiles_equal_one_tile_per_forward(lively_mobilenet_checkpoint):
 
     model, _ = load_model(lively_mobilenet_checkpoint)
     image = torch.randn(1, 3, 90, 130)
-    single = models.sliding_window_logits(model, image, 7, tile=48, stride=32)
+    single = models.sliding_window_logits(model, image, 7, models.Tiling(48, 32))
     assert single.argmax(1).unique().numel() > 1 and single.std() > 1e-2  # constant outputs agree trivially
     for tile_batch in (3, 100):
-        batched = models.sliding_window_logits(model, image, 7, tile=48, stride=32, tile_batch=tile_batch)
+        batched = models.sliding_window_logits(model, image, 7, models.Tiling(48, 32, tile_batch=tile_batch))
         torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="--tile_batch"):
-        models.sliding_window_logits(model, image, 7, tile=48, tile_batch=0)
+        models.Tiling(48, tile_batch=0)

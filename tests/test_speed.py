@@ -36,8 +36,8 @@ def _one_epoch(network, dataset_dir, channels_last, steps=2):
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01)
-    stats = engine.train_one_epoch(network, loader, make_criterion("ce", train_set, False), optimizer,
-                                   torch.device("cpu"), 1, progress=False)
+    step = engine.TrainStep(make_criterion("ce", train_set, False), optimizer)
+    stats = engine.train_one_epoch(network, loader, step, torch.device("cpu"), 1, progress=False)
     return stats, network
 
 

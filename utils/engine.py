@@ -5,6 +5,7 @@ a loader and a device and return plain results, leaving files and printing to th
 """
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from utils.cli import UserError, progress_enabled
 from utils.data import CRACK_ID, IGNORE_INDEX
 from utils.distributed import unwrap
 from utils.metrics import ConfusionMatrix, ToleranceAccumulator, image_scores
-from utils.model import forward_logits, sliding_window_logits
+from utils.model import Tiling, forward_logits, sliding_window_logits
 from utils.timing import synchronize
 
 
@@ -65,10 +66,21 @@ def _freeze_frozen_batchnorm(model):
                 module.eval()
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device, epoch, scheduler=None, scaler=None,
-                    amp=False, progress=True, amp_dtype=None):
-    """One pass over `loader`; returns mean loss and the seconds spent waiting for data vs computing (the rest of
-    the epoch's wall time: the device is synchronised once per epoch, not per step)."""
+@dataclass(frozen=True)
+class TrainStep:
+    """What one optimisation step is made of: the loss, the optimiser, its per-step schedule, the float16 GradScaler
+    (None: none), and mixed precision (on or off, in `amp_dtype`, None: amp_dtype(device))."""
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None
+    scaler: object = None
+    amp: bool = False
+    amp_dtype: torch.dtype | None = None
+
+
+def train_one_epoch(model, loader, step, device, epoch, progress=True):
+    """One pass over `loader` with TrainStep `step`; returns mean loss and the seconds spent waiting for data vs
+    computing (the rest of the epoch's wall time: the device is synchronised once per epoch, not per step)."""
     model.train()
     _freeze_frozen_batchnorm(model)
     loss_sum = torch.zeros((), device=device)
@@ -77,26 +89,17 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch, schedule
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not progress_enabled(progress), leave=False,
                dynamic_ncols=True)
     started = ready = time.perf_counter()
-    for step, (images, masks, _) in enumerate(bar):
+    for index, (images, masks, _) in enumerate(bar):
         data_seconds += time.perf_counter() - ready
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
-        with autocast(device, amp, amp_dtype):
-            loss = criterion(model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        with autocast(device, step.amp, step.amp_dtype):
+            loss = step.criterion(model(images), masks)
+        _optimise(step, loss)
         loss_sum += loss.detach() * images.shape[0]
         samples += images.shape[0]
-        if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if progress and index % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
         ready = time.perf_counter()
     synchronize(device)
     compute_seconds = time.perf_counter() - started - data_seconds
@@ -105,6 +108,32 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch, schedule
     if not math.isfinite(mean_loss):
         raise UserError(f"the training loss became {mean_loss} in epoch {epoch}; lower --lr or use --amp False")
     return {"loss": mean_loss, "data_seconds": data_seconds, "compute_seconds": compute_seconds}
+
+
+def _optimise(step, loss):
+    """Backward, optimiser step (through the GradScaler when there is one) and the schedule's step."""
+    step.optimizer.zero_grad(set_to_none=True)
+    if step.scaler is not None:
+        step.scaler.scale(loss).backward()
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+    else:
+        loss.backward()
+        step.optimizer.step()
+    if step.scheduler is not None:
+        step.scheduler.step()
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a split is scored: the class count, mixed precision, tiling (Tiling(): whole images), per-image scores,
+    the crack tolerance in px (None: no tolerance counts), a progress bar."""
+    num_classes: int
+    amp: bool = False
+    tiling: Tiling = Tiling()
+    per_image: bool = False
+    tolerance_px: int | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -119,17 +148,17 @@ class EvalResult:
     forward_seconds: float = 0.0
 
 
-def _predict(model, images, num_classes, size, tile, stride, tile_batch):
-    if tile:
-        return torch.cat([sliding_window_logits(model, image[None], num_classes, tile, stride, size, tile_batch)
-                          .to(image.device) for image in images])
+def _predict(model, images, num_classes, size, tiling):
+    if tiling.tile:
+        return torch.cat([sliding_window_logits(model, image[None], num_classes, tiling, size).to(image.device)
+                          for image in images])
     return forward_logits(model, images, num_classes, size=size)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes, criterion=None, amp=False, progress=True, tile=None,
-             stride=None, per_image=False, tolerance_px=None, on_prediction=None, tile_batch=1):
-    """Score `loader` at each label's own resolution into one dataset-level confusion matrix.
+def evaluate(model, loader, device, settings, criterion=None, on_prediction=None):
+    """Score `loader` as EvalSettings `settings` say, at each label's own resolution, into one dataset-level
+    confusion matrix (with the loss of `criterion` when given).
 
     Predictions are resized to the label, never the label to the prediction. Under torchrun each
     rank scores its shard and the counts are summed. on_prediction(index, prediction) sees every
@@ -137,13 +166,14 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, prog
     """
     model = unwrap(model)
     model.eval()
+    num_classes, per_image, tolerance_px = settings.num_classes, settings.per_image, settings.tolerance_px
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
     tolerance = ToleranceAccumulator(tolerance_px) if tolerance_px is not None else None
     loss_sum, loss_pixels, images_seen, forward_seconds = 0.0, 0, 0, 0.0
     per_image_rows = []
     started = time.perf_counter()
-    for images, masks, indices in tqdm(loader, desc="evaluate", disable=not progress_enabled(progress), leave=False,
-                                       dynamic_ncols=True):
+    for images, masks, indices in tqdm(loader, desc="evaluate", disable=not progress_enabled(settings.progress),
+                                       leave=False, dynamic_ncols=True):
         pairs = [(images, masks)] if isinstance(images, torch.Tensor) else \
             [(image[None], mask[None]) for image, mask in zip(images, masks)]
         predictions = []
@@ -152,9 +182,8 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, prog
             batch_masks = batch_masks.to(device, non_blocking=True)
             synchronize(device)
             forward_started = time.perf_counter()
-            with autocast(device, amp):
-                logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], tile, stride,
-                                  tile_batch)
+            with autocast(device, settings.amp):
+                logits = _predict(model, batch_images, num_classes, batch_masks.shape[-2:], settings.tiling)
             prediction = logits.max(dim=1).indices  # same as argmax, several times faster on CPU
             synchronize(device)
             forward_seconds += time.perf_counter() - forward_started

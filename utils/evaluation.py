@@ -9,7 +9,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,9 @@ from utils import data
 from utils.checkpoint import load_for_inference
 from utils.cli import UserError, default_name, device_name, plain_name, require_path, resolve_device
 from utils.distributed import DistContext
-from utils.engine import evaluate
+from utils.engine import EvalSettings, evaluate
 from utils.files import refuse_existing, release, reserve
-from utils.model import (build, count_macs, count_parameters, default_stride, fold_batchnorm, strip_aux_head,
+from utils.model import (Tiling, build, count_macs, count_parameters, default_stride, fold_batchnorm, strip_aux_head,
                          tile_windows)
 from utils.onnx_model import OnnxNetwork, is_onnx_path
 from utils.recipe import eval_loader
@@ -135,13 +135,11 @@ def model_facts(model, metadata, input_size, device):
     return facts
 
 
-def evaluate_split(model, dataset, device, batch_size=1, workers=0, amp=False, tile=None, stride=None,
-                   tolerance_px=4, on_prediction=None, progress=True, tile_batch=1):
-    """test.py's evaluation loop (also what scripts/benchmark_eval.py times)."""
+def evaluate_split(model, dataset, device, settings, batch_size=1, workers=0, on_prediction=None):
+    """test.py's evaluation loop (also what scripts/benchmark_eval.py times and the study scores with), per-image
+    scores included whatever `settings` says."""
     loader = eval_loader(dataset, batch_size, workers, DistContext(device=device))
-    return evaluate(model, loader, device, data.NUM_CLASSES, amp=amp, progress=progress, tile=tile,
-                    stride=stride, per_image=True, tolerance_px=tolerance_px, on_prediction=on_prediction,
-                    tile_batch=tile_batch)
+    return evaluate(model, loader, device, replace(settings, per_image=True), on_prediction=on_prediction)
 
 
 def _mean_std(values):
@@ -379,9 +377,9 @@ def run(args):
     if not args.overwrite:  # claimed atomically: of two runs with the same --name, the second is refused
         reserve(outputs.workbook, "another test.py run has this --name; choose another --name")
     try:
-        result = evaluate_split(model, dataset, device, args.batch_size, args.workers, args.amp, args.tile,
-                                args.stride, args.lt_tolerance, on_prediction=writer, progress=True,
-                                tile_batch=args.tile_batch)
+        settings = EvalSettings(data.NUM_CLASSES, args.amp, Tiling(args.tile, args.stride, args.tile_batch),
+                                tolerance_px=args.lt_tolerance)
+        result = evaluate_split(model, dataset, device, settings, args.batch_size, args.workers, writer)
         metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
         facts["latency_seconds"] = latency_per_image(model, args, facts["image_size"], device)
         summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,

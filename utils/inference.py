@@ -6,6 +6,7 @@ sliding_window_logits, whose accumulator lives on the CPU so a 6000x4000 px phot
 """
 import glob
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from utils.checkpoint import check_model_options, load_for_inference
 from utils.cli import (UserError, check_batch_memory, default_name, plain_name, progress_enabled, require_path,
                        resolve_device)
 from utils.data import IMAGE_EXTENSIONS, encode_rgb_label, image_size, image_to_tensor, list_images, read_image
-from utils.model import fold_batchnorm, forward_logits, sliding_window_logits, strip_aux_head, tile_cost
+from utils.model import Tiling, fold_batchnorm, forward_logits, sliding_window_logits, strip_aux_head, tile_cost
 from utils.files import replace_atomically
 from utils.visualize import (class_shares, format_share, has_display, overlay_figure, save_figure,
                              side_by_side_figure, use_window_backend)
@@ -145,25 +146,25 @@ def uses_tiles(height, width, tile, max_size):
 
 
 @torch.no_grad()
-def predict(model, image, num_classes, device, tile=None, stride=None, max_size=DEFAULT_MAX_SIZE,
-            dtype=torch.float32, progress=False, tile_batch=1):
-    """Class ids (H,W uint8) of an (H,W,3) uint8 photo at its own size; whole or tiled (see uses_tiles),
-    `tile_batch` windows per forward."""
+def predict(model, image, num_classes, device, tiling=Tiling(), max_size=DEFAULT_MAX_SIZE, dtype=torch.float32):
+    """Class ids (H,W uint8) of an (H,W,3) uint8 photo at its own size; whole or tiled as `tiling` says (see
+    uses_tiles: a photo longer than `max_size` is tiled at DEFAULT_TILE when `tiling` gives no tile), with a
+    progress bar of the tiles."""
     height, width = image.shape[:2]
     batch = to_batch(image, device, dtype)
-    if not uses_tiles(height, width, tile, max_size):
+    if not uses_tiles(height, width, tiling.tile, max_size):
         return forward_logits(model, batch, num_classes, size=(height, width)).argmax(1)[0].byte().cpu().numpy()
-    tile = tile or DEFAULT_TILE
-    bar = tqdm(total=tile_cost(height, width, tile, stride)[0], desc="tiles", unit="tile", leave=False,
-               disable=not progress_enabled(progress), dynamic_ncols=True)
+    if tiling.tile is None:
+        tiling = replace(tiling, tile=DEFAULT_TILE)
+    bar = tqdm(total=tile_cost(height, width, tiling.tile, tiling.stride)[0], desc="tiles", unit="tile", leave=False,
+               disable=not progress_enabled(), dynamic_ncols=True)
 
     def count_tiles(_, inputs, __):  # a forward hook's return value would replace the output: return None
         bar.update(inputs[0].shape[0])
 
     hook = model.register_forward_hook(count_tiles)
     try:
-        logits = sliding_window_logits(model, batch, num_classes, tile, stride, size=(height, width),
-                                       tile_batch=tile_batch)
+        logits = sliding_window_logits(model, batch, num_classes, tiling, size=(height, width))
     finally:
         hook.remove()
         bar.close()
@@ -285,8 +286,8 @@ def run(args):
         image = read_image(image_path, upright=True)  # as displayed: EXIF orientation applied
         tiled = uses_tiles(height, width, args.tile, args.max_size)
         started = time.perf_counter()
-        ids = predict(model, image, num_classes, device, args.tile, args.stride, args.max_size, dtype,
-                      progress=tiled, tile_batch=args.tile_batch)
+        ids = predict(model, image, num_classes, device, Tiling(args.tile, args.stride, args.tile_batch),
+                      args.max_size, dtype)
         seconds = time.perf_counter() - started
         found = ", ".join(f"{name} {format_share(share)}" for _, name, share in class_shares(ids))
         how = describe_tiling(height, width, args.tile or DEFAULT_TILE, args.stride) if tiled else "whole"

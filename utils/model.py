@@ -6,6 +6,7 @@ Every script gets its network and its logits from here, so the dict output, the 
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -258,18 +259,35 @@ def _blend_weights(height, width, device):
     return torch.outer(ramp(height), ramp(width)).clamp_min(1e-3)
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """How a large image is cut for the network: windows of at most `tile` px (None: the whole image at once),
+    starts at most `stride` apart (None: default_stride), `tile_batch` windows per forward. Checked when made."""
+    tile: int | None = None
+    stride: int | None = None
+    tile_batch: int = 1
+
+    def __post_init__(self):
+        if self.tile is not None and self.tile < 32:
+            raise UserError(f"--tile must be at least 32 px, got {self.tile}")
+        if self.stride is not None and (self.tile is None or not 0 < self.stride <= self.tile):
+            raise UserError(f"--stride must be between 1 and --tile ({self.tile}), got {self.stride}")
+        if self.tile_batch < 1:
+            raise UserError(f"--tile_batch must be at least 1, got {self.tile_batch}")
+
+    @property
+    def window_stride(self):
+        return self.stride or default_stride(self.tile)
+
+
 @torch.no_grad()
-def sliding_window_logits(model, image, num_classes, tile, stride=None, size=None, tile_batch=1):
+def sliding_window_logits(model, image, num_classes, tiling, size=None):
     """Logits of one (1,3,H,W) image from overlapping windows of at most tile x tile (tile_windows), blended;
-    `tile_batch` windows go through the network per forward. Memory stays O(tile_batch x tile²).
+    `tiling.tile_batch` windows go through the network per forward. Memory stays O(tile_batch x tile²).
 
     The accumulator lives on the CPU so a 6000x4000 photo fits beside a small GPU.
     """
-    stride = stride or default_stride(tile)
-    if not 0 < stride <= tile:
-        raise UserError(f"--stride must be between 1 and --tile ({tile}), got {stride}")
-    if tile_batch < 1:
-        raise UserError(f"--tile_batch must be at least 1, got {tile_batch}")
+    tile, stride, tile_batch = tiling.tile, tiling.window_stride, tiling.tile_batch
     _, _, height, width = image.shape
     (tops, tile_h), (lefts, tile_w) = tile_windows(height, tile, stride), tile_windows(width, tile, stride)
     corners = [(top, left) for top in tops for left in lefts]

@@ -16,7 +16,7 @@ from utils import data, model as models
 from utils.checkpoint import build_from_checkpoint, load_weights, make_checkpoint, read_checkpoint, save_atomic
 from utils.cli import UserError, plain_name, require_path
 from utils.distributed import DistContext
-from utils.engine import evaluate, train_one_epoch
+from utils.engine import EvalSettings, TrainStep, evaluate, train_one_epoch
 from utils.files import refuse_existing
 from utils.metrics import summary_metrics
 from utils.prune_ops import (USES_P_VALUE, build_pruner, importance_name, json_history, make_importance,
@@ -144,7 +144,7 @@ def validation_miou(model, prepared, device):
     """mIoU on --val_data, or None without it."""
     if prepared.val_loader is None:
         return None
-    return summary_metrics(evaluate(model, prepared.val_loader, device, data.NUM_CLASSES).confusion.matrix)["mean_iou"]
+    return summary_metrics(evaluate(model, prepared.val_loader, device, EvalSettings(data.NUM_CLASSES)).confusion.matrix)["mean_iou"]
 
 
 def finetune(model, prepared, args, context, epochs, seed, on_epoch=None):
@@ -154,7 +154,7 @@ def finetune(model, prepared, args, context, epochs, seed, on_epoch=None):
     loader = train_loader(prepared.train_set, args.batch_size, args.workers, seed, context)
     scheduler = poly_scheduler(optimizer, epochs * len(loader))
     for epoch in range(1, epochs + 1):
-        train_one_epoch(model, loader, prepared.criterion, optimizer, context.device, epoch, scheduler)
+        train_one_epoch(model, loader, TrainStep(prepared.criterion, optimizer, scheduler), context.device, epoch)
         if on_epoch is not None:
             on_epoch(epoch)
 

@@ -35,6 +35,7 @@ from utils import data, model as models
 from utils.checkpoint import load_for_inference, load_model, make_checkpoint, read_checkpoint, save_atomic
 from utils.cli import UserError, device_name, plain_name, require_path, resolve_device
 from utils.distributed import DistContext
+from utils.engine import EvalSettings
 from utils.evaluation import collect_metrics, evaluate_split
 from utils.files import refuse_existing, replace_atomically
 from utils.prune_ops import USES_P_VALUE, importance_name, ratio_fraction
@@ -321,8 +322,8 @@ def score_checkpoint(path, test_set, options):
     model, _ = load_for_inference(path, device=options.device, allow_pickle=options.allow_pickle)
     model = models.strip_aux_head(model)
     models.fold_batchnorm(model.eval())
-    result = evaluate_split(model, test_set, torch.device(options.device), 1, options.workers,
-                            tolerance_px=options.lt_tolerance)
+    settings = EvalSettings(data.NUM_CLASSES, tolerance_px=options.lt_tolerance)
+    result = evaluate_split(model, test_set, torch.device(options.device), settings, 1, options.workers)
     _, scores, lt = collect_metrics(result, options.lt_tolerance)
     return {"test_miou": float(scores["mean_iou"]), "crack_iou": float(scores["iou"][data.CRACK_ID]),
             "crack_tolerance_f1": float(lt["lt_f1"])}

@@ -18,7 +18,7 @@ from utils.checkpoint import (build_from_checkpoint, for_deployment, load_model,
                               read_checkpoint, require_resume_state, save_atomic)
 from utils.cli import UserError, plain_name, require_path
 from utils.distributed import broadcast_object, cleanup, init_distributed
-from utils.engine import amp_dtype, evaluate, native_mixed_precision, train_one_epoch
+from utils.engine import EvalSettings, TrainStep, amp_dtype, evaluate, native_mixed_precision, train_one_epoch
 from utils.files import hold_folder_lock, release_folder_locks, replace_atomically
 from utils.metrics import per_class_metrics, summary_metrics
 from utils.prune_ops import slice_extra_outputs
@@ -244,8 +244,8 @@ def _validate(parts, context, progress, epoch, pending):
     """Score the validation split after `epoch` (pending: the epochs' stats since the last validation) and record
     the row; True when it is the best so far. Its seconds, with the last save's, are what a validation costs."""
     started = time.perf_counter()
-    result = evaluate(parts.model, parts.val_loader, context.device, data.NUM_CLASSES, parts.criterion, parts.amp,
-                      progress=context.is_main)
+    result = evaluate(parts.model, parts.val_loader, context.device,
+                      EvalSettings(data.NUM_CLASSES, parts.amp, progress=context.is_main), parts.criterion)
     stats = {"loss": sum(s["loss"] for s in pending) / len(pending),
              **{key: sum(s[key] for s in pending) for key in ("data_seconds", "compute_seconds")}}
     row = _epoch_row(epoch, parts.scheduler.last_epoch, stats, result, parts.optimizer.param_groups[0]["lr"])
@@ -361,9 +361,8 @@ def _train_epoch(parts, context, epoch):
     """One pass over the training split: its mean loss and seconds (utils.engine.train_one_epoch)."""
     if context.enabled:
         parts.loader.sampler.set_epoch(epoch)
-    return train_one_epoch(parts.model, parts.loader, parts.criterion, parts.optimizer, context.device, epoch,
-                           parts.scheduler, parts.scaler, parts.amp, progress=context.is_main,
-                           amp_dtype=parts.amp_dtype)
+    step = TrainStep(parts.criterion, parts.optimizer, parts.scheduler, parts.scaler, parts.amp, parts.amp_dtype)
+    return train_one_epoch(parts.model, parts.loader, step, context.device, epoch, progress=context.is_main)
 
 
 def _save(parts, args, run_dir, progress, improved, writer):
