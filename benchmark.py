@@ -18,6 +18,7 @@ import argparse
 from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, plain_name, run_main, script_main
 from utils.deploy import run_benchmark as run
 from utils.model import add_output_stride_option
+from utils.options import add_allow_pickle, add_output_options, add_system_options
 from utils.timing import WARMUP
 
 
@@ -34,11 +35,11 @@ def get_args_parser():
     add_bool(parser, "--channels_last", False, "channels-last memory format (often faster on GPUs)")
     add_bool(parser, "--fold_batchnorm", True, "fold each BatchNorm into its convolution, as deployed")
     add_bool(parser, "--onnx", False, "also time each network exported to ONNX in onnxruntime")
-    add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_allow_pickle(parser)
     add_output_stride_option(parser)
     parser.add_argument("--name", default="benchmark", help="file name of the CSV and plot (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    add_output_options(parser)
+    add_system_options(parser)
     add_quiet(parser)
     return parser
 

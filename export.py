@@ -22,6 +22,7 @@ from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, default_na
 from utils.deploy import int8_path, run_export
 from utils.files import refuse_existing
 from utils.model import add_output_stride_option
+from utils.options import add_allow_pickle, add_output_options, add_system_options
 from utils.quantize import check_calibration_split
 
 
@@ -41,12 +42,10 @@ def get_args_parser():
                         help="split whose Images/ calibrate --int8's activation ranges (e.g. the val split)")
     parser.add_argument("--calib_images", type=int, default=16, metavar="N",
                         help="calibration images, spread over the split (default: %(default)s)")
-    add_bool(parser, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_allow_pickle(parser)
     add_output_stride_option(parser)
-    add_bool(parser, "--overwrite", False, "replace an existing --output file")
-    parser.add_argument("--device", default="auto",
-                        help="where to trace and check: auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    add_output_options(parser, "an existing --output file")
+    add_system_options(parser)
     add_quiet(parser)
     return parser
 

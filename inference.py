@@ -18,19 +18,12 @@ import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main, str2bool
 from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, run
-from utils.model import add_output_stride_option
+from utils.options import add_system_options, add_tiling_options, add_trained_network_options
 
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--state_dict", metavar="W.pth",
-                       help="checkpoint or plain state_dict (thesis 8-output files too)")
-    model.add_argument("--pruned_model", metavar="P.pth",
-                       help="pruned network whose architecture holds --state_dict (or, alone, is used)")
-    add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
-    add_output_stride_option(model)
-    add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_trained_network_options(parser, "--state_dict", "checkpoint or plain state_dict (thesis 8-output files too)")
 
     inputs = parser.add_argument_group("input and prediction")
     inputs.add_argument("--image", required=True, metavar="PATH",
@@ -38,15 +31,8 @@ def get_args_parser():
     inputs.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE, metavar="PX",
                         help="photos whose longer side exceeds this are predicted in tiles; 0: every photo "
                              "whole, in one forward, when it fits in memory (default: %(default)s)")
-    inputs.add_argument("--tile", type=int, default=None, metavar="PX",
-                        help=f"largest tile side in px; given, every photo is tiled (default: {DEFAULT_TILE}, "
-                             f"above --max_size only)")
-    inputs.add_argument("--stride", type=int, default=None, metavar="PX",
-                        help="largest step between tiles; windows are spread evenly over the photo and "
-                             "overlaps blended (default: 7/8 of the tile)")
-    inputs.add_argument("--tile_batch", type=int, default=1, metavar="N",
-                        help="tiles per forward: more keeps a GPU busy, costs N times the memory "
-                             "(default: %(default)s)")
+    add_tiling_options(inputs, f"largest tile side in px; given, every photo is tiled (default: {DEFAULT_TILE}, "
+                               f"above --max_size only)")
     add_bool(inputs, "--half", False, "float16 on a CUDA GPU (e.g. a Jetson); refused on the CPU")
     add_bool(inputs, "--channels_last", False, "channels-last memory format (often faster on GPUs; same masks)")
 
@@ -62,10 +48,8 @@ def get_args_parser():
     output.add_argument("--name", default=None,
                         help="the model's name in output file names and captions (default: from the weights "
                              "file, e.g. demo_best from runs/demo/best.pth)")
-    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
-
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    output.add_argument("--output_dir", default="results", help="where every output goes (default: %(default)s)")
+    add_system_options(parser)
     add_quiet(parser)
     return parser
 

@@ -23,10 +23,9 @@ import argparse
 
 from utils.cli import (ArgumentParser, add_bool, add_config, add_quiet, cap_workers, check_batch_memory, run_main,
                        script_main)
-from utils.losses import LOSSES
 from utils.model import add_output_stride_option
-from utils.prune_ops import IMPORTANCES
-from utils.recipe import OPTIMIZERS
+from utils.options import (add_allow_pickle, add_measurement_options, add_output_options, add_pruning_options,
+                           add_system_options, add_tuning_options)
 from utils.study import check_args, run
 
 
@@ -35,21 +34,11 @@ def get_args_parser():
     model = parser.add_argument_group("the dense network")
     model.add_argument("--state_dict", required=True, metavar="W.pth",
                        help="trained weights: a CrackSense checkpoint or a plain state_dict (thesis *_weights.pth)")
-    add_bool(model, "--allow_pickle", False, "accept a whole pickled model (unpickling runs code from the file)")
+    add_allow_pickle(model)
     add_output_stride_option(model)
 
     grid = parser.add_argument_group("the grid (every combination runs)")
-    grid.add_argument("--pruning_ratio", type=float, nargs="+", required=True, metavar="PERCENT",
-                      help="percents of channels to remove, each 1 to 99")
-    grid.add_argument("--importance_type", nargs="+", default=["Magnitude"], metavar="NAME",
-                      help=f"criteria: {', '.join(IMPORTANCES)}; add Random as the control a criterion has to "
-                           f"beat at the same ratio (default: Magnitude)")
-    grid.add_argument("--p_value", type=int, nargs="+", default=[2], metavar="P",
-                      help="norms of Magnitude/LAMP/FPGM (1 = L1, 2 = L2); the others have none (default: 2)")
-    grid.add_argument("--iterative_steps", type=int, nargs="+", default=[1], metavar="N",
-                      help="schedules: reach the ratio in N equal steps (default: 1)")
-    add_bool(grid, "--global_pruning", False, "rank channels across layers instead of the same share per layer")
-    grid.add_argument("--round_to", type=int, default=None, metavar="N", help="keep channel counts multiples of N")
+    add_pruning_options(grid, grid=True)
     add_bool(grid, "--sensitivity", False,
              "instead of the grid: prune each part alone (ResNet stage, ASPP, head 3x3 conv) at each ratio with the "
              "first criterion, no fine-tuning, and plot the val mIoU drop per part")
@@ -63,34 +52,16 @@ def get_args_parser():
     tuning.add_argument("--step_finetune_epochs", type=int, default=1,
                         help="fine-tuning epochs after each step of a schedule of several steps "
                              "(torchvision_pruning.py's --finetune_epochs) (default: %(default)s)")
-    tuning.add_argument("--calib_batches", type=int, default=8,
-                        help="batches whose loss gradients rank channels for Taylor (default: %(default)s)")
-    tuning.add_argument("--calib_mode", default="eval", choices=("eval", "train"),
-                        help="BatchNorm while Taylor's gradients are taken (default: %(default)s)")
-    tuning.add_argument("--batch_size", type=int, default=4, help="(default: %(default)s)")
-    tuning.add_argument("--crop_size", type=int, default=512,
-                        help="random crop side in px, never more than the smallest image side (default: %(default)s)")
-    tuning.add_argument("--lr", type=float, default=0.001, help="(default: %(default)s)")
-    tuning.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(default: %(default)s)")
-    tuning.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
-    tuning.add_argument("--loss", default="ce_weighted", choices=LOSSES, help="(default: %(default)s)")
+    add_tuning_options(tuning)
 
     output = parser.add_argument_group("measurement and output")
     output.add_argument("--name", required=True, help="study folder under OUTPUT_DIR/studies/")
     output.add_argument("--lt_tolerance", type=int, default=4, metavar="PX",
                         help="tolerance of the crack tolerance F1, as test.py (default: %(default)s)")
-    output.add_argument("--measure_size", type=int, default=512,
-                        help="image side in px for MACs and latency (default: %(default)s)")
-    output.add_argument("--latency_runs", type=int, default=5,
-                        help="interleaved timing rounds of the deployed networks, dense and every checkpoint; 0 "
-                             "skips (default: %(default)s)")
-    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
-    add_bool(output, "--overwrite", False,
-             "start the study of this --name again, replacing its files (needed when its arguments changed)")
+    add_measurement_options(output)
+    add_output_options(output, "the study of this --name: start it again (needed when its arguments changed)")
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
+    system = add_system_options(parser, workers=2)
     system.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="SEED",
                         help="repeat every variant and the dense fine-tuned twin once per seed (pruning randomness, "
                              "Taylor's calibration batches, crops, fine-tuning order); the tables give mean and "

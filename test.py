@@ -16,7 +16,7 @@ from utils.checkpoint import check_model_options
 from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, run_main,
                        script_main)
 from utils.evaluation import run
-from utils.model import add_output_stride_option
+from utils.options import add_output_options, add_system_options, add_tiling_options, add_trained_network_options
 
 
 def get_args_parser():
@@ -24,27 +24,15 @@ def get_args_parser():
     parser.add_argument("test_dir", metavar="TEST_DIR",
                         help="split to score (Images/ + Labels_grayscale/ or Labels_RGB/)")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--weights", metavar="W.pth",
-                       help="checkpoint or plain state_dict (thesis 8-output files too); alone when it "
-                            "describes itself; or an ONNX graph from export.py (float32, float16 or INT8), "
-                            "run by onnxruntime")
-    model.add_argument("--pruned_model", metavar="P.pth",
-                       help="pruned network whose architecture holds --weights (or, alone, is evaluated)")
-    add_bool(model, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
-    add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
-    add_output_stride_option(model)
+    add_trained_network_options(parser, "--weights", "checkpoint or plain state_dict (thesis 8-output files too); "
+                                "alone when it describes itself; or an ONNX graph from export.py (float32, float16 "
+                                "or INT8), run by onnxruntime")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_size", type=int, default=None,
                             help="resize images to this shorter side before the network; predictions are "
                                  "scored at the label's resolution (default: native resolution)")
-    evaluation.add_argument("--tile", type=int, default=None,
-                            help="sliding-window evaluation with tiles of this side in px, for large images")
-    evaluation.add_argument("--stride", type=int, default=None,
-                            help="largest tile stride in px; windows are spread evenly (default: 7/8 of the tile)")
-    evaluation.add_argument("--tile_batch", type=int, default=1, metavar="N",
-                            help="tiles per forward with --tile (default: %(default)s)")
+    add_tiling_options(evaluation, "sliding-window evaluation with tiles of at most this side in px, for large images")
     evaluation.add_argument("--boundary_ignore", type=int, default=0, metavar="PX",
                             help="ignore a band of PX px around areal defects (not cracks), as the S2DS "
                                  "authors do (default: %(default)s)")
@@ -59,12 +47,8 @@ def get_args_parser():
                         help="report name (default: the weights file's stem; its folder too for best/last.pth)")
     add_bool(output, "--save_predictions", False,
              "save each prediction as a grayscale class-id PNG under OUTPUT_DIR/test/NAME_predictions/")
-    add_bool(output, "--overwrite", False, "replace an existing report of the same --name")
-    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
-
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
+    add_output_options(output, "an existing report of the same --name")
+    add_system_options(parser, workers=2)
     add_quiet(parser)
     return parser
 

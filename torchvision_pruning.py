@@ -15,11 +15,10 @@ import argparse
 
 from utils.cli import (ArgumentParser, UserError, add_bool, add_config, add_quiet, cap_workers, check_batch_memory,
                        plain_name, resolve_device, run_main, script_main)
-from utils.losses import LOSSES
 from utils.model import ARCHS, INITS, add_output_stride_option
-from utils.prune_ops import IMPORTANCES
+from utils.options import (add_allow_pickle, add_measurement_options, add_output_options, add_pruning_options,
+                           add_system_options, add_tuning_options)
 from utils.pruning import run
-from utils.recipe import OPTIMIZERS
 
 
 def get_args_parser():
@@ -37,24 +36,11 @@ def get_args_parser():
                             "useful: pruning an untrained network keeps arbitrary channels")
     add_bool(model, "--keep_feature_extract", False,
              "as in training: fine-tune only the classifier head between steps (all layers are still pruned)")
-    add_bool(model, "--allow_pickle", False, "accept a whole pickled model (unpickling runs code from the file)")
+    add_allow_pickle(model)
     add_output_stride_option(model)
 
     pruning = parser.add_argument_group("pruning")
-    pruning.add_argument("--pruning_ratio", type=float, required=True, metavar="PERCENT",
-                         help="percent of channels to remove, 0 to 99 (50 halves every prunable layer)")
-    pruning.add_argument("--importance_type", default="Magnitude", metavar="NAME",
-                         help=f"channel ranking: {', '.join(IMPORTANCES)}. Taylor uses gradients of the real "
-                              f"loss on --data (default: %(default)s)")
-    pruning.add_argument("--p_value", type=int, default=2,
-                         help="norm of Magnitude/LAMP/FPGM: 1 = L1, 2 = L2, any positive integer "
-                              "(default: %(default)s)")
-    pruning.add_argument("--iterative_steps", type=int, default=1,
-                         help="reach the ratio in this many equal steps (default: %(default)s)")
-    add_bool(pruning, "--global_pruning", False,
-             "rank channels across layers instead of removing the same share from each")
-    pruning.add_argument("--round_to", type=int, default=None, metavar="N",
-                         help="keep channel counts multiples of N (8 or 16 suit TensorRT and tensor cores)")
+    add_pruning_options(pruning)
     pruning.add_argument("--model_name", default=None,
                          help="output name under OUTPUT_DIR/pruned/ (default: arch_importance_ratio)")
 
@@ -62,40 +48,18 @@ def get_args_parser():
     tuning.add_argument("--data", metavar="TRAIN_DIR",
                         help="training split; required by Taylor and by --finetune_epochs")
     tuning.add_argument("--val_data", metavar="VAL_DIR", help="score the val mIoU after every step")
-    tuning.add_argument("--calib_batches", type=int, default=8,
-                        help="batches whose loss gradients rank channels for Taylor, fresh before every step "
-                             "(default: %(default)s)")
-    tuning.add_argument("--calib_mode", default="eval", choices=("eval", "train"),
-                        help="BatchNorm while Taylor's gradients are taken: eval (running statistics, as "
-                             "deployed) or train (batch statistics; the loss is then blind to the scale of a "
-                             "convolution followed by BatchNorm, which weakens the ranking) (default: %(default)s)")
     tuning.add_argument("--finetune_epochs", type=int, default=0,
                         help="epochs of fine-tuning on --data after every step; 0 = none, as in the thesis "
                              "(default: %(default)s)")
-    tuning.add_argument("--batch_size", type=int, default=4,
-                        help="images per batch, at least 2 (default: %(default)s)")
-    tuning.add_argument("--crop_size", type=int, default=512, help="random crop side in px (default: %(default)s)")
-    tuning.add_argument("--lr", type=float, default=0.001,
-                        help="fine-tuning learning rate, poly decay per step (default: %(default)s)")
-    tuning.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(default: %(default)s)")
-    tuning.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
-    tuning.add_argument("--loss", default="ce_weighted", choices=LOSSES,
-                        help="segmentation loss, as in train.py (default: %(default)s)")
+    add_tuning_options(tuning)
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="results", help="(default: %(default)s)")
-    add_bool(output, "--overwrite", False, "replace an existing OUTPUT_DIR/pruned/NAME.pth")
+    add_output_options(output, "an existing OUTPUT_DIR/pruned/NAME.pth")
     add_bool(output, "--save_pickle", False,
              "also write NAME_pickled.pth, a whole pickled model (needs --allow_pickle to load again)")
-    output.add_argument("--measure_size", type=int, default=512,
-                        help="image side in px at which MACs and latency are measured (default: %(default)s)")
-    output.add_argument("--latency_runs", type=int, default=5,
-                        help="timed batch-1 forward passes, dense and pruned (median); 0 skips (default: "
-                             "%(default)s)")
+    add_measurement_options(output)
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    system.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
+    system = add_system_options(parser, workers=2)
     system.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     add_config(parser)
     add_quiet(parser)

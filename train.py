@@ -11,6 +11,7 @@ from utils.cli import (ArgumentParser, UserError, add_bool, add_config, add_quie
                        check_batch_memory, run_main, script_main, str2bool)
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS, OUTPUT_STRIDES
+from utils.options import add_allow_pickle, add_output_options, add_system_options
 from utils.recipe import OPTIMIZERS
 from utils.training import RUN_DEFAULTS, run
 
@@ -45,7 +46,7 @@ def get_args_parser():
             type=str2bool)
     setting(model, "--load_pretrained_weights", "start from these weights (checkpoint or plain state_dict), e.g. on "
                                                 "top of --pruned_model", metavar="W.pth")
-    add_bool(model, "--allow_pickle", False, "accept whole pickled models (unpickling runs code from the file)")
+    add_allow_pickle(model)
 
     optim = parser.add_argument_group("optimisation (a --resume run keeps its own; only --epochs may change)")
     setting(optim, "--epochs", "passes over the training split", type=int)
@@ -76,12 +77,9 @@ def get_args_parser():
     setting(optim, "--seed", "", type=int)
     setting(optim, "--deterministic", "deterministic algorithms (slower)", type=str2bool)
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    system.add_argument("--workers", type=int, default=4, help="data-loading processes (default: %(default)s)")
+    system = add_system_options(parser, workers=4)
     add_bool(system, "--resume", False, "continue RUN_NAME from its last.pth")
-    add_bool(system, "--overwrite", False, "replace an existing RUN_NAME folder")
-    system.add_argument("--output_dir", default="results", help="(default: %(default)s)")
+    add_output_options(system, "an existing RUN_NAME folder")
     add_bool(system, "--tensorboard", False, "also write TensorBoard events into the run folder")
     system.add_argument("--amp_dtype", default="auto", choices=("auto", "float16", "bfloat16"),
                         help="--amp's type: auto is bfloat16 on the CPU and on GPUs of compute capability 8+ "

@@ -77,3 +77,26 @@ def test_progress_bars_only_on_a_terminal_and_never_with_quiet(monkeypatch):
     set_quiet(False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert not progress_enabled()
+
+
+def test_options_from_builds_nested_frozen_specs_from_a_command_line():
+    import dataclasses
+
+    from utils.cli import options_from
+    from utils.model import Tiling
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        name: str
+        sizes: tuple
+        tiling: Tiling
+        kept: int = 7
+
+    spec = options_from(Spec, {"name": "a", "sizes": [1, 2], "tile": 64, "stride": 48, "unrelated": 1}, kept=3)
+    assert spec == Spec("a", (1, 2), Tiling(64, 48, 1), 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "b"
+    with pytest.raises(UserError, match="--stride"):  # the nested spec checks its values when it is made
+        options_from(Spec, {"name": "a", "sizes": [], "tile": 64, "stride": 80})
+    with pytest.raises(TypeError):  # a field without an option and without a default is a bug, found at once
+        options_from(Spec, {"sizes": []})

@@ -4,7 +4,9 @@ Expected failures raise UserError; `run_main` turns them into one line on stderr
 status 2, while unexpected errors keep their traceback.
 """
 import argparse
+import dataclasses
 import errno
+import typing
 import gc
 import json
 import os
@@ -136,6 +138,23 @@ def _config_path(parser, argv):
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--config")
     return finder.parse_known_args(sys.argv[1:] if argv is None else argv)[0].config
+
+
+def options_from(spec, values, **changes):
+    """A frozen dataclass `spec` built from a parsed command line (`vars(args)`, a dict of option values), with
+    `changes` on top: each field takes the option of its name (lists become tuples), a field whose type is itself
+    a dataclass is built the same way from the same values, and a field without an option keeps its default. The
+    one bridge from argparse to the typed options below the scripts; their __post_init__ checks the values."""
+    values = {**values, **changes}
+    hints = typing.get_type_hints(spec)
+    chosen = {}
+    for field in dataclasses.fields(spec):
+        if dataclasses.is_dataclass(hints[field.name]):
+            chosen[field.name] = values.get(field.name) or options_from(hints[field.name], values)
+        elif field.name in values:
+            value = values[field.name]
+            chosen[field.name] = tuple(value) if isinstance(value, list) else value
+    return spec(**chosen)
 
 
 def script_main(get_parser, run, check=None):

@@ -1,0 +1,98 @@
+"""The option groups several scripts share, declared once with one help text each (system, output, model file,
+tiling, pruning, fine-tuning, measurement). Each script adds the groups it needs to its own parser; what a
+script alone has stays in that script."""
+from utils.cli import add_bool
+from utils.losses import LOSSES
+from utils.model import add_output_stride_option
+from utils.prune_ops import IMPORTANCES
+from utils.recipe import OPTIMIZERS
+
+
+def add_system_options(parser, workers=None):
+    """--device, and --workers where the script loads data (`workers`: its default)."""
+    group = parser.add_argument_group("system")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    if workers is not None:
+        group.add_argument("--workers", type=int, default=workers, help="data-loading processes (default: %(default)s)")
+    return group
+
+
+def add_output_options(group, replaces=None):
+    """--output_dir, and --overwrite where a script refuses to replace its outputs (`replaces`: what it replaces)."""
+    group.add_argument("--output_dir", default="results", help="where every output goes (default: %(default)s)")
+    if replaces is not None:
+        add_bool(group, "--overwrite", False, f"replace {replaces}")
+
+
+def add_allow_pickle(group):
+    add_bool(group, "--allow_pickle", False, "accept a whole pickled model (unpickling runs code from the file)")
+
+
+def add_trained_network_options(parser, weights_flag, weights_help):
+    """The "model" group of the scripts that run a trained network: its weights under the script's seed name
+    (`weights_flag`), --pruned_model/--use_pruned (utils.checkpoint's rule), --output_stride, --allow_pickle."""
+    group = parser.add_argument_group("model")
+    group.add_argument(weights_flag, metavar="W.pth", help=weights_help)
+    group.add_argument("--pruned_model", metavar="P.pth",
+                       help=f"pruned network whose architecture holds {weights_flag} (or, alone, is used)")
+    add_bool(group, "--use_pruned", False, "use the architecture of --pruned_model (the seed's flag)")
+    add_output_stride_option(group)
+    add_allow_pickle(group)
+    return group
+
+
+def add_tiling_options(group, tile_help):
+    """--tile (its help says when the script tiles), --stride and --tile_batch: utils.model.Tiling."""
+    group.add_argument("--tile", type=int, default=None, metavar="PX", help=tile_help)
+    group.add_argument("--stride", type=int, default=None, metavar="PX",
+                       help="largest step between tiles; windows are spread evenly and overlaps blended "
+                            "(default: 7/8 of the tile)")
+    group.add_argument("--tile_batch", type=int, default=1, metavar="N",
+                       help="tiles per forward: more keeps a GPU busy, costs N times the memory (default: %(default)s)")
+
+
+def add_pruning_options(group, grid=False):
+    """How channels are chosen; with `grid` (study.py) the criterion, norm, ratio and schedule take lists."""
+    many = {"nargs": "+"} if grid else {}
+    group.add_argument("--pruning_ratio", type=float, required=True, metavar="PERCENT", **many,
+                       help="percent of channels to remove, 1 to 99 (50 halves every prunable layer)")
+    group.add_argument("--importance_type", default=["Magnitude"] if grid else "Magnitude", metavar="NAME", **many,
+                       help=f"channel ranking: {', '.join(IMPORTANCES)}; Taylor uses gradients of the real loss on "
+                            f"--data; Random is the control a criterion has to beat (default: Magnitude)")
+    group.add_argument("--p_value", type=int, default=[2] if grid else 2, metavar="P", **many,
+                       help="norm of Magnitude/LAMP/FPGM: 1 = L1, 2 = L2; the others have none (default: 2)")
+    group.add_argument("--iterative_steps", type=int, default=[1] if grid else 1, metavar="N", **many,
+                       help="reach the ratio in this many equal steps (default: 1)")
+    add_bool(group, "--global_pruning", False, "rank channels across layers instead of removing the same share "
+                                               "from each")
+    group.add_argument("--round_to", type=int, default=None, metavar="N",
+                       help="keep channel counts multiples of N (8 or 16 suit TensorRT and tensor cores, 32 INT8)")
+
+
+def add_tuning_options(group):
+    """Taylor's calibration and the fine-tuning recipe after pruning (train.py's loop and names)."""
+    group.add_argument("--calib_batches", type=int, default=8,
+                       help="batches whose loss gradients rank channels for Taylor, fresh before every step "
+                            "(default: %(default)s)")
+    group.add_argument("--calib_mode", default="eval", choices=("eval", "train"),
+                       help="BatchNorm while Taylor's gradients are taken: eval (running statistics, as deployed) "
+                            "or train (batch statistics; the loss is then blind to the scale of a convolution "
+                            "followed by BatchNorm, which weakens the ranking) (default: %(default)s)")
+    group.add_argument("--batch_size", type=int, default=4, help="images per batch, at least 2 (default: %(default)s)")
+    group.add_argument("--crop_size", type=int, default=512,
+                       help="random crop side in px, never more than the smallest image side (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=0.001,
+                       help="fine-tuning learning rate, poly decay (default: %(default)s)")
+    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(default: %(default)s)")
+    group.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
+    group.add_argument("--loss", default="ce_weighted", choices=LOSSES,
+                       help="segmentation loss, as in train.py (default: %(default)s)")
+
+
+def add_measurement_options(group):
+    """--measure_size and --latency_runs: MACs and utils.timing's latency of the deployed networks."""
+    group.add_argument("--measure_size", type=int, default=512,
+                       help="image side in px at which MACs and latency are measured (default: %(default)s)")
+    group.add_argument("--latency_runs", type=int, default=5,
+                       help="interleaved timing rounds of the deployed networks (median); 0 skips "
+                            "(default: %(default)s)")
