@@ -7,18 +7,18 @@ Writes results/runs/RUN_NAME/: last.pth, best.pth, metrics.csv, curves.png, args
 """
 import argparse
 
-from utils.cli import (ArgumentParser, UserError, add_bool, add_config, add_quiet, bool_or_auto, cap_workers,
-                       check_batch_memory, run_main, script_main, str2bool)
+from utils.cli import (ArgumentParser, add_bool, add_config, add_quiet, bool_or_auto, cap_workers, check_batch_memory,
+                       options_from, run_main, script_main, str2bool)
 from utils.losses import LOSSES
 from utils.model import ARCHS, INITS, OUTPUT_STRIDES
 from utils.options import add_allow_pickle, add_output_options, add_system_options
 from utils.recipe import OPTIMIZERS
-from utils.training import RUN_DEFAULTS, run
+from utils.training import RUN_DEFAULTS, TrainOptions, run
 
 
 def setting(group, name, help, **kwargs):
     """A run setting: None when not given, so that a new run takes RUN_DEFAULTS and a resumed run its own value
-    (utils.training.settle_settings); booleans take True/False/yes/no/1/0, a bare flag meaning True."""
+    (utils.training.TrainOptions.settled); booleans take True/False/yes/no/1/0, a bare flag meaning True."""
     if kwargs.get("type") in (str2bool, bool_or_auto):
         kwargs.update(nargs="?", const=True, metavar="BOOL" if kwargs["type"] is str2bool else "auto|BOOL")
     default = RUN_DEFAULTS[name.lstrip("-")]
@@ -91,24 +91,17 @@ def get_args_parser():
     return parser
 
 
-def check_args(args):
-    """Value checks argparse cannot do; each failure is one line and exit status 2."""
-    for name in ("epochs", "batch_size", "crop_size", "steps", "val_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise UserError(f"--max_minutes must be positive, got {args.max_minutes:g}")
-    if args.steps is not None and args.max_minutes is not None:
-        raise UserError("--steps and --max_minutes both size the run; give one")
-    if args.workers < 0 or (args.patience or 0) < 0:
-        raise UserError("--workers and --patience cannot be negative")
-    args.workers = cap_workers(args.workers)
+def train_options(args):
+    """The typed options, checked as they are made (one line and exit status 2 each), --workers capped."""
     check_batch_memory(args.batch_size, args.crop_size, "--batch_size x --crop_size")
+    return options_from(TrainOptions, vars(args), workers=cap_workers(args.workers))
 
 
-main = script_main(get_args_parser, run, check_args)
+def train(args):
+    run(train_options(args))
+
+
+main = script_main(get_args_parser, train)
 
 
 if __name__ == "__main__":

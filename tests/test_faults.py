@@ -206,15 +206,10 @@ def test_onnx_export_on_a_filling_disk_one_line_without_a_path(tmp_path, disk, c
 
 # --- train.py, fresh and resumed -----------------------------------------------------------------------------
 
-STUCK = pytest.mark.xfail(strict=True, raises=UserError, reason="training._save writes best.pth before last.pth: a run that fails at "
-                          "epoch 1's last.pth leaves best.pth alone, which blocks the same command ('already holds a "
-                          "run') and cannot be resumed (no last.pth); only --overwrite gets out")
-
-
 @pytest.mark.parametrize("count, kind, rerun", [
     (1, ".json", []),                     # args.json, the first write: nothing of the run exists yet
-    (1, ".pth", []),                      # best.pth of epoch 1
-    pytest.param(2, ".pth", [], marks=STUCK),  # last.pth, after best.pth
+    (1, ".pth", []),                      # last.pth of epoch 1: no checkpoint of the run exists yet
+    (2, ".pth", ["--resume", "--epochs", "2"]),  # best.pth, after last.pth: resuming restores it from last.pth
     (1, ".png", ["--resume", "--epochs", "2"]),  # curves.png via matplotlib, after both checkpoints and metrics.csv
 ])
 def test_train_on_a_filling_disk(tmp_path, dataset_dir, disk, capsys, count, kind, rerun):

@@ -4,7 +4,6 @@ import errno
 import os
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -299,10 +298,9 @@ def test_pretrained_weights_take_the_thesis_8_output_state_dict_without_download
     inits = []
     real_build = models.build
     monkeypatch.setattr(models, "build", lambda arch, n, init, aux: inits.append(init) or real_build(arch, n, init, aux))
-    args = SimpleNamespace(pruned_model=None, arch=MOBILENET, init="coco", aux_loss=True, allow_pickle=False,
-                           load_pretrained_weights=str(path), keep_feature_extract=False, train_pruned_fully=False,
-                           output_stride=None)
-    model, arch, pruning = training._build_model(args)
+    network = training.NetworkSpec(arch=MOBILENET, init="coco", aux_loss=True, load_pretrained_weights=str(path),
+                                   keep_feature_extract=False, train_pruned_fully=False)
+    model, arch, pruning = training._build_model(network)
     assert inits == ["none"]
     head = model.classifier[4].weight
     assert head.shape[0] == data.NUM_CLASSES
@@ -410,10 +408,10 @@ def test_workers_are_capped_at_the_usable_cpus_with_one_note(capsys, monkeypatch
 def test_train_parses_workers_1000_into_the_cpu_count(dataset_dir, capsys):
     args = train.get_args_parser().parse_args([str(dataset_dir / "train"), str(dataset_dir / "val"), "x",
                                                "--workers", "1000"])
-    train.check_args(args)
+    options = train.train_options(args)
     from utils.cli import usable_cpus
 
-    assert args.workers == usable_cpus()
+    assert options.place.workers == usable_cpus()
     assert "note: --workers 1000" in capsys.readouterr().out
 
 

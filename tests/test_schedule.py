@@ -171,7 +171,7 @@ def test_config_repeats_a_run_and_flags_win(dataset_dir, tmp_path):
     runs = {name: json.loads((tmp_path / "runs" / name / "args.json").read_text())
             for name in ("first", "again", "changed")}
     differs = {key for key in runs["first"] if runs["first"][key] != runs["again"].get(key)}
-    assert differs == {"run_name", "config"}
+    assert differs == {"run_name"}
     assert runs["changed"]["lr"] == 0.001 and runs["changed"]["cat_max_ratio"] == 0.8
 
 
@@ -212,10 +212,10 @@ def test_export_and_benchmark_run_the_recorded_stride(stride16_checkpoint, tmp_p
 
     export.main([str(stride16_checkpoint), "--output", str(tmp_path / "os16.onnx"), "--size", "64", "--device", "cpu"])
     assert "parity check passed" in capsys.readouterr().out
-    from utils.deploy import prepare_variant
+    from utils.deploy import VariantSpec, prepare_variant
 
     for stride, side in ((None, 4), (8, 8)):  # 64 px at stride 16 and 8: 4 and 8 feature cells a side
-        variant = prepare_variant(stride16_checkpoint, "x", 64, 1, torch.device("cpu"), stride=stride)
+        variant = prepare_variant(stride16_checkpoint, "x", VariantSpec(64, 1, "cpu", output_stride=stride))
         with torch.no_grad():
             assert variant.network.model.backbone(variant.image)["out"].shape[-1] == side
     benchmark.main([str(stride16_checkpoint), "--size", "64", "--runs", "1", "--warmup", "0", "--output_stride", "8",

@@ -173,3 +173,19 @@ def test_best_holds_what_deployment_needs_and_last_what_resuming_needs(dataset_d
     assert best["model"].keys() == last["model"].keys() and best["epoch"] == 1 and best["args"]["optimizer"] == "adamw"
     weights = sum(t.numel() * t.element_size() for t in best["model"].values())
     assert os.path.getsize(tmp_path / "runs" / "slim" / "best.pth") < 1.05 * weights + 200_000
+
+
+def test_train_options_are_exactly_the_scripts_options():
+    """Every field of TrainOptions is an option of train.py (a misspelt field fails here, not deep inside a run),
+    and every option that shapes a run is saved in args.json (TrainOptions.flat), so --config repeats it."""
+    import dataclasses
+
+    import train
+    from utils.training import TrainOptions
+
+    def names(spec):
+        for field in dataclasses.fields(spec):
+            yield from (names(field.type) if dataclasses.is_dataclass(field.type) else [field.name])
+
+    dests = {action.dest for action in train.get_args_parser()._actions} - {"help", "config", "quiet"}
+    assert sorted(names(TrainOptions)) == sorted(dests)

@@ -3,6 +3,7 @@
 A run-floor module (docs/ARCHITECTURE.md): the loop itself is utils.engine's, the loaders, optimiser
 and loss are utils.recipe's, so pruning's fine-tuning and the study train exactly the same way.
 """
+import dataclasses
 import json
 import math
 import os
@@ -67,66 +68,159 @@ RUN_DEFAULTS = {
     "pruned_model": None, "train_pruned_fully": True, "load_pretrained_weights": None, "epochs": 30,
     "batch_size": 4, "crop_size": 512, "eval_size": None, "lr": 0.01, "optimizer": "sgd", "weight_decay": 1e-4,
     "loss": "ce_weighted", "patience": 0, "amp": "auto", "seed": 42, "deterministic": False, "output_stride": None,
-    "steps": None, "max_minutes": None, "val_every": 1, "scale_range": [0.5, 2.0], "cat_max_ratio": None,
+    "steps": None, "max_minutes": None, "val_every": 1, "scale_range": (0.5, 2.0), "cat_max_ratio": None,
     "skeleton_recall": 0.0,
 }
 """The settings that make a run what it is. train.py leaves the ones not given as None: a new run takes these
 defaults, a resumed run its own saved values (so it never needs the COCO weights its last.pth replaces)."""
 
 
-def settle_settings(args, saved=None):
-    """Fill the run settings not given, from `saved` (the resumed run's args) or RUN_DEFAULTS; a given value
-    that contradicts the resumed run is refused, except --epochs, which may lengthen or shorten it."""
-    saved = saved or {}
-    for key, default in RUN_DEFAULTS.items():
-        given = getattr(args, key, None)
-        if key in saved and given is not None and given != saved[key] and key != "epochs":
-            raise UserError(f"--{key} {given} contradicts the run being resumed (its last.pth says {key} "
-                            f"{saved[key]}); drop --{key} to keep the run's own, or start a new RUN_NAME")
-        setattr(args, key, given if given is not None else saved.get(key, default))
-    return args
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The network a run trains: None where train.py was not told, until TrainOptions.settled fills it."""
+    arch: str | None = None
+    init: str | None = None
+    output_stride: int | None = None
+    aux_loss: bool | None = None
+    keep_feature_extract: bool | None = None
+    pruned_model: str | None = None
+    train_pruned_fully: bool | None = None
+    load_pretrained_weights: str | None = None
+    allow_pickle: bool = False
 
 
-def _build_model(args, resumed=None):
+@dataclass(frozen=True)
+class Recipe:
+    """How a run trains: None where train.py was not told, until TrainOptions.settled fills it. Checked here."""
+    epochs: int | None = None
+    steps: int | None = None
+    max_minutes: float | None = None
+    val_every: int | None = None
+    batch_size: int | None = None
+    crop_size: int | None = None
+    scale_range: tuple | None = None
+    cat_max_ratio: float | None = None
+    eval_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    loss: str | None = None
+    skeleton_recall: float | None = None
+    patience: int | None = None
+    amp: object = None
+    seed: int | None = None
+    deterministic: bool | None = None
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "crop_size", "steps", "val_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise UserError(f"--max_minutes must be positive, got {self.max_minutes:g}")
+        if self.steps is not None and self.max_minutes is not None:
+            raise UserError("--steps and --max_minutes both size the run; give one")
+        if (self.patience or 0) < 0:
+            raise UserError("--patience cannot be negative")
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run reads and writes, and on what it runs; none of it changes what the network learns."""
+    train_dir: str
+    val_dir: str
+    run_name: str
+    output_dir: str = "results"
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    workers: int = 4
+    tensorboard: bool = False
+    amp_dtype: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise UserError("--workers cannot be negative")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything train.py was told, typed: the network, the recipe, the place. Saved flat (args.json and the
+    checkpoint's `args`), so a run folder can be repeated with --config and resumed with its own settings."""
+    network: NetworkSpec
+    recipe: Recipe
+    place: RunPlace
+
+    def settled(self, saved=None):
+        """The run settings not given filled from `saved` (the resumed run's args) or RUN_DEFAULTS; a given value
+        that contradicts the resumed run is refused, except --epochs, which may lengthen or shorten it."""
+        saved = {key: tuple(value) if isinstance(value, list) else value for key, value in (saved or {}).items()}
+        filled = {}
+        for spec in (self.network, self.recipe):
+            for key, given in dataclasses.asdict(spec).items():
+                if key not in RUN_DEFAULTS:
+                    continue
+                if key in saved and given is not None and given != saved[key] and key != "epochs":
+                    raise UserError(f"--{key} {given} contradicts the run being resumed (its last.pth says {key} "
+                                    f"{saved[key]}); drop --{key} to keep the run's own, or start a new RUN_NAME")
+                filled[key] = given if given is not None else saved.get(key, RUN_DEFAULTS[key])
+        return TrainOptions(dataclasses.replace(self.network, **{k: filled[k] for k in _names(NetworkSpec)
+                                                                  if k in filled}),
+                            dataclasses.replace(self.recipe, **{k: filled[k] for k in _names(Recipe) if k in filled}),
+                            self.place)
+
+    def flat(self):
+        """The options under their command-line names: args.json and the checkpoint's `args`."""
+        return {**dataclasses.asdict(self.network), **dataclasses.asdict(self.recipe), **dataclasses.asdict(self.place)}
+
+
+def _names(spec):
+    return [field.name for field in dataclasses.fields(spec)]
+
+
+def _build_model(network, resumed=None):
     """The resumed run's own network (rebuilt from last.pth, no pretrained weights built), or a new one;
     frozen as the run's settings say."""
     if resumed is None:
-        model, arch, pruning = _new_model(args)
+        model, arch, pruning = _new_model(network)
     else:
         model = load_weights(build_from_checkpoint(resumed), resumed["model"], "the run's last.pth").train()
         arch, pruning = resumed["arch"], resumed.get("pruning")
-    if args.keep_feature_extract or (args.pruned_model and not args.train_pruned_fully):
+    if network.keep_feature_extract or (network.pruned_model and not network.train_pruned_fully):
         models.freeze_all_but_head(model)
     return model, arch, pruning
 
 
-def _new_model(args):
+def _new_model(network):
     """Dense from --arch/--init, or the pruned network of --pruned_model; weights on top if given."""
     pruning = None
-    if args.pruned_model:
-        model, metadata = load_model(args.pruned_model, allow_pickle=args.allow_pickle)
+    if network.pruned_model:
+        model, metadata = load_model(network.pruned_model, allow_pickle=network.allow_pickle)
         model.train()
         arch, pruning = metadata["arch"], metadata.get("pruning")
         if pruning is None and metadata["format"] != "pickled_model":
-            raise UserError(f"{args.pruned_model} is a dense checkpoint; pass it with --load_pretrained_weights")
+            raise UserError(f"{network.pruned_model} is a dense checkpoint; pass it with --load_pretrained_weights")
         if metadata["format"] == "pickled_model":
-            raise UserError(f"{args.pruned_model} is a pickled model without a pruning history; convert it with "
-                            f"python torchvision_pruning.py --state_dict {args.pruned_model} --allow_pickle "
+            raise UserError(f"{network.pruned_model} is a pickled model without a pruning history; convert it with "
+                            f"python torchvision_pruning.py --state_dict {network.pruned_model} --allow_pickle "
                             f"--pruning_ratio 0 --model_name NAME")
     else:
-        arch = args.arch
-        init = "none" if args.load_pretrained_weights else args.init  # W replaces whatever --init would download
-        model = models.build(arch, data.NUM_CLASSES, init, args.aux_loss)
+        arch = network.arch
+        init = "none" if network.load_pretrained_weights else network.init  # W replaces what --init would download
+        model = models.build(arch, data.NUM_CLASSES, init, network.aux_loss)
     recorded = None
-    if args.load_pretrained_weights:
-        checkpoint = read_checkpoint(args.load_pretrained_weights, allow_pickle=args.allow_pickle)
+    if network.load_pretrained_weights:
+        checkpoint = read_checkpoint(network.load_pretrained_weights, allow_pickle=network.allow_pickle)
         weights = slice_extra_outputs(model, checkpoint["model"], data.NUM_CLASSES)  # the thesis' 8th output
-        load_weights(model, weights, args.load_pretrained_weights)
+        load_weights(model, weights, network.load_pretrained_weights)
         recorded = checkpoint.get("output_stride")
-    stride = args.output_stride or recorded  # the given stride, else the weights' own (else the network's: 8)
+    stride = network.output_stride or recorded  # the given stride, else the weights' own (else the network's: 8)
     if stride is not None and models.has_output_stride(arch):
         models.set_output_stride(model, stride)
-    elif args.output_stride is not None:
+    elif network.output_stride is not None:
         raise UserError(f"--output_stride applies to the DeepLabV3-ResNet networks only, not {arch}")
     return model, arch, pruning
 
@@ -158,6 +252,7 @@ class Parts:
     scaler: object = None
     amp_dtype: torch.dtype = None
     amp: bool = False
+    epochs: int = 0
 
 
 @dataclass
@@ -180,13 +275,13 @@ class Progress:
         return improved
 
 
-def run(args):
-    """Train, evaluate every epoch, keep last.pth/best.pth/metrics.csv/curves.png current."""
-    context = init_distributed(args.device)
+def run(options):
+    """Train as TrainOptions `options` say, evaluate, keep last.pth/best.pth/metrics.csv/curves.png current."""
+    context = init_distributed(options.place.device)
     try:
-        _train(args, context)
+        _train(options, context)
     except TorchDynamoException as error:  # torch.compile fails at the first forward, not when asked
-        if not args.compile:
+        if not options.place.compile:
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--compile failed on this machine ({reason[:200]}); drop --compile") from None
@@ -195,27 +290,28 @@ def run(args):
         cleanup(context)
 
 
-def _train(args, context):
+def _train(options, context):
     started = time.perf_counter()
-    run_dir = _set_up_run_dir(args, context)
-    resumed = _read_last(run_dir) if args.resume else None
-    settle_settings(args, resumed.get("args") if resumed else None)
-    seed_everything(args.seed + context.rank, args.deterministic)
-    parts = _set_up(args, context, resumed)
+    run_dir = _set_up_run_dir(options.place, context)
+    resumed = _read_last(run_dir, context) if options.place.resume else None
+    options = options.settled(resumed.get("args") if resumed else None)
+    recipe = options.recipe
+    seed_everything(recipe.seed + context.rank, recipe.deterministic)
+    parts = _set_up(options, context, resumed)
     progress = _resume(parts, resumed, run_dir, context) if resumed else Progress()
-    progress.epochs = args.epochs
+    progress.epochs = parts.epochs
     resize_schedule(parts.scheduler, progress.epochs * len(parts.loader))  # a resumed run's --epochs may differ
-    budget = args.max_minutes * 60 if args.max_minutes and not resumed else None  # a resumed run keeps its plan
-    writer = _open_outputs(args, run_dir, context)
+    budget = recipe.max_minutes * 60 if recipe.max_minutes and not resumed else None  # a resumed run keeps its plan
+    writer = _open_outputs(options, run_dir, context)
     pending, epoch = [], progress.start_epoch  # the epochs trained since the last validation
-    while epoch <= progress.epochs and not (args.patience and progress.stale >= args.patience):
+    while epoch <= progress.epochs and not (recipe.patience and progress.stale >= recipe.patience):
         pending.append(_train_epoch(parts, context, epoch))
-        if epoch == 1 or _validates(epoch, args.val_every, progress.epochs):
+        if epoch == 1 or _validates(epoch, recipe.val_every, progress.epochs):
             improved = _validate(parts, context, progress, epoch, pending)
             if budget is not None:
-                _plan_epochs(parts, progress, budget, time.perf_counter() - started, pending, args.val_every,
+                _plan_epochs(parts, progress, budget, time.perf_counter() - started, pending, recipe.val_every,
                              epoch, context)
-            _save_validated(parts, args, (run_dir, writer), progress, improved, context)
+            _save_validated(parts, options, (run_dir, writer), progress, improved, context)
             pending = []
         epoch += 1
     if writer is not None:
@@ -254,59 +350,60 @@ def _validate(parts, context, progress, epoch, pending):
     return improved
 
 
-def _save_validated(parts, args, outputs, progress, improved, context):
+def _save_validated(parts, options, outputs, progress, improved, context):
     """Rank 0: last.pth, best.pth when better, metrics.csv, curves.png, the epoch's line."""
     started = time.perf_counter()
     if context.is_main:
-        _save(parts, args, outputs[0], progress, improved, outputs[1])
+        _save(parts, options, outputs[0], progress, improved, outputs[1])
         _print_epoch(progress.history[-1], progress.epochs, improved)
     progress.save_seconds = time.perf_counter() - started
 
 
-def _set_up_run_dir(args, context):
+def _set_up_run_dir(place, context):
     """OUTPUT_DIR/runs/RUN_NAME, checked (and emptied for --overwrite) by rank 0 before the others go on."""
-    require_path(args.train_dir, "training folder", "dir")
-    require_path(args.val_dir, "validation folder", "dir")
-    run_dir = os.path.join(args.output_dir, "runs", plain_name(args.run_name, "RUN_NAME"))
+    require_path(place.train_dir, "training folder", "dir")
+    require_path(place.val_dir, "validation folder", "dir")
+    run_dir = os.path.join(place.output_dir, "runs", plain_name(place.run_name, "RUN_NAME"))
     if context.is_main:
         hold_folder_lock(run_dir, f"{run_dir} is in use by another train.py that is still running; wait for it to "
                                   f"finish or choose another RUN_NAME")
-        _prepare_run_dir(run_dir, args.resume, args.overwrite)
+        _prepare_run_dir(run_dir, place.resume, place.overwrite)
     broadcast_object(None, context)
     return run_dir
 
 
-def _set_up(args, context, resumed=None):
-    """Data, model (wrapped for DDP), loss, loaders, optimiser, schedule and scaler."""
-    device = context.device
-    train_set = data.training_set(args.train_dir, args.crop_size, tuple(args.scale_range), args.cat_max_ratio)
-    val_set = data.S2DSDataset(args.val_dir, data.EvalTransform(args.eval_size))
-    model, arch, pruning = _build_model(args, resumed)
-    criterion = make_criterion(args.loss, train_set, context.is_main, args.skeleton_recall).to(device)
+def _set_up(options, context, resumed=None):
+    """Data, model (wrapped for DDP), loss, loaders, optimiser, schedule, scaler and the epochs to run."""
+    device, recipe, place = context.device, options.recipe, options.place
+    train_set = data.training_set(place.train_dir, recipe.crop_size, tuple(recipe.scale_range), recipe.cat_max_ratio)
+    val_set = data.S2DSDataset(place.val_dir, data.EvalTransform(recipe.eval_size))
+    model, arch, pruning = _build_model(options.network, resumed)
+    criterion = make_criterion(recipe.loss, train_set, context.is_main, recipe.skeleton_recall).to(device)
     model.to(device)
-    _speed_options(model, args)
+    _speed_options(model, place)
     if context.enabled:
         if device.type == "cuda":  # SyncBatchNorm has no CPU kernels; gloo runs keep per-process statistics
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = train_loader(train_set, args.batch_size, args.workers, args.seed, context)
-    val_loader = eval_loader(val_set, 1 if args.eval_size is None else args.batch_size, args.workers, context)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-    if args.steps and resumed is None:  # a schedule given in steps: whole epochs that hold them
-        args.epochs = math.ceil(args.steps / len(loader))
-    scheduler = poly_scheduler(optimizer, args.epochs * len(loader))
-    amp = native_mixed_precision(device) if args.amp == "auto" else bool(args.amp)
-    dtype, scaler = _mixed_precision(amp, args.amp_dtype, device)
-    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype, amp)
+    loader = train_loader(train_set, recipe.batch_size, place.workers, recipe.seed, context)
+    val_loader = eval_loader(val_set, 1 if recipe.eval_size is None else recipe.batch_size, place.workers, context)
+    optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
+    epochs = recipe.epochs
+    if recipe.steps and resumed is None:  # a schedule given in steps: whole epochs that hold them
+        epochs = math.ceil(recipe.steps / len(loader))
+    scheduler = poly_scheduler(optimizer, epochs * len(loader))
+    amp = native_mixed_precision(device) if recipe.amp == "auto" else bool(recipe.amp)
+    dtype, scaler = _mixed_precision(amp, place.amp_dtype, device)
+    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype, amp, epochs)
 
 
-def _speed_options(model, args):
+def _speed_options(model, place):
     """--channels_last (the weights' layout carries over to every activation) and --compile (torch.compile in
     place, so the state_dict keys stay the same), each refused in one line where it cannot run."""
-    if args.channels_last:
+    if place.channels_last:
         model.to(memory_format=torch.channels_last)
-    if not args.compile:
+    if not place.compile:
         return
     if not hasattr(model, "compile") or not torch._dynamo.is_dynamo_supported():
         raise UserError(f"--compile is not supported by torch {torch.__version__} on this platform; drop --compile")
@@ -325,10 +422,18 @@ def _mixed_precision(amp, requested_dtype, device):
     return dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
 
 
-def _read_last(run_dir):
-    """The run's last.pth, with the training state a resume needs."""
+def _read_last(run_dir, context):
+    """The run's last.pth, with the training state a resume needs. A run stopped between its last.pth and its
+    best.pth (a full disk) gets best.pth back from last.pth, whose weights were then the best."""
     path = os.path.join(run_dir, "last.pth")
-    return require_resume_state(read_checkpoint(path), path)
+    state = require_resume_state(read_checkpoint(path), path)
+    best = os.path.join(run_dir, "best.pth")
+    metrics = state.get("metrics") or []
+    if context.is_main and not os.path.exists(best) and metrics and metrics[-1]["val_miou"] == state["best_metric"]:
+        save_atomic(for_deployment(state), best)
+        print(f"restored {best} from last.pth (epoch {state['epoch']}, the best so far): the run stopped before "
+              f"writing it")
+    return state
 
 
 def _resume(parts, state, run_dir, context):
@@ -343,14 +448,14 @@ def _resume(parts, state, run_dir, context):
                     state.get("epochs_without_improvement", 0))
 
 
-def _open_outputs(args, run_dir, context):
+def _open_outputs(options, run_dir, context):
     """args.json in the run folder, and the TensorBoard writer when asked for (rank 0 only)."""
     if not context.is_main:
         return None
     os.makedirs(run_dir, exist_ok=True)
-    text = json.dumps({**vars(args), "world_size": context.world_size, "torch": torch.__version__}, indent=2)
+    text = json.dumps({**options.flat(), "world_size": context.world_size, "torch": torch.__version__}, indent=2)
     replace_atomically(os.path.join(run_dir, "args.json"), lambda temporary: Path(temporary).write_text(text))
-    if not args.tensorboard:
+    if not options.place.tensorboard:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
@@ -365,17 +470,18 @@ def _train_epoch(parts, context, epoch):
     return train_one_epoch(parts.model, parts.loader, step, context.device, epoch, progress=context.is_main)
 
 
-def _save(parts, args, run_dir, progress, improved, writer):
-    """last.pth (and best.pth when improved), metrics.csv, curves.png and TensorBoard scalars."""
+def _save(parts, options, run_dir, progress, improved, writer):
+    """last.pth (then best.pth when improved: a run stopped between the two restores best.pth from last.pth when
+    resumed), metrics.csv, curves.png and TensorBoard scalars."""
     row = progress.history[-1]
     checkpoint = make_checkpoint(
         parts.model, parts.arch, pruning=parts.pruning, optimizer=parts.optimizer.state_dict(),
         lr_scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
         epoch=row["epoch"], best_metric=progress.best, epochs_without_improvement=progress.stale,
-        metrics=progress.history, args={**vars(args), "epochs": progress.epochs})
+        metrics=progress.history, args={**options.flat(), "epochs": progress.epochs})
+    save_atomic(checkpoint, os.path.join(run_dir, "last.pth"))
     if improved:  # what deployment needs only: the optimiser state would double or triple the file
         save_atomic(for_deployment(checkpoint), os.path.join(run_dir, "best.pth"))
-    save_atomic(checkpoint, os.path.join(run_dir, "last.pth"))
     write_csv(progress.history, os.path.join(run_dir, "metrics.csv"))
     plot_curves(progress.history, os.path.join(run_dir, "curves.png"), data.CLASS_NAMES)
     if writer is not None:
