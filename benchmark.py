@@ -15,8 +15,8 @@ and NAME.png (latency against MACs); a rerun with the same --name replaces them 
 """
 import argparse
 
-from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, plain_name, run_main, script_main
-from utils.deploy import run_benchmark as run
+from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_main, script_main
+from utils.deploy import BenchmarkOptions, run_benchmark
 from utils.model import add_output_stride_option
 from utils.options import add_allow_pickle, add_output_options, add_system_options
 from utils.timing import WARMUP
@@ -44,14 +44,12 @@ def get_args_parser():
     return parser
 
 
-def check_args(args):
-    for option, low in (("size", 32), ("batch", 1), ("runs", 1), ("warmup", 0)):
-        if getattr(args, option) < low:
-            raise UserError(f"--{option} must be at least {low}, got {getattr(args, option)}")
-    plain_name(args.name, "--name")
+def run(args):
+    """Checks (utils.deploy.BenchmarkOptions and VariantSpec, when made) and the run on the typed options."""
+    return run_benchmark(options_from(BenchmarkOptions, vars(args)))
 
 
-main = script_main(get_args_parser, run, check_args)
+main = script_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

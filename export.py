@@ -16,14 +16,11 @@ read as in training and resized to --size), and prints the share of pixels whose
 float32 graph does, and its mIoU against the float32 predictions, on every image of that split.
 """
 import argparse
-from pathlib import Path
 
-from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, default_name, require_path, run_main, script_main
-from utils.deploy import int8_path, run_export
-from utils.files import refuse_existing
+from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_main, script_main
+from utils.deploy import ExportOptions, run_export
 from utils.model import add_output_stride_option
 from utils.options import add_allow_pickle, add_output_options, add_system_options
-from utils.quantize import check_calibration_split
 
 
 def get_args_parser():
@@ -50,41 +47,12 @@ def get_args_parser():
     return parser
 
 
-def check_args(args):
-    if args.size < 32 or args.size % 8:
-        raise UserError(f"--size must be a multiple of 8, at least 32, got {args.size}")
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
-    if not 11 <= args.opset <= 20:
-        raise UserError(f"--opset must be between 11 and 20, got {args.opset}")
-    require_path(args.checkpoint, "checkpoint", "file")
-    check_int8_args(args)
-    output = Path(args.output or Path(args.output_dir) / "export" / f"{default_name(args.checkpoint)}.onnx")
-    if output.suffix.lower() != ".onnx":
-        raise UserError(f"--output should end in .onnx, got {output}")
-    refuse_existing([output] + ([int8_path(output)] if args.int8 else []), args.overwrite, "choose another --output")
-    args.output = output
+def run(args):
+    """Checks (utils.deploy.ExportOptions, when made) and the run on the typed options."""
+    return run_export(options_from(ExportOptions, vars(args)))
 
 
-def check_int8_args(args):
-    """--int8 needs a split of images to calibrate on; its flags mean nothing without it."""
-    if args.int8 and args.half:
-        raise UserError("--int8 and --half are two different graphs: drop --half (INT8 is quantised from float32)")
-    if args.int8 and not args.calib_data:
-        raise UserError("--int8 needs --calib_data SPLIT (a folder with Images/, e.g. the val split) to calibrate "
-                        "the activation ranges on")
-    if args.calib_data and not args.int8:
-        raise UserError("--calib_data is only used with --int8; add --int8 or drop --calib_data")
-    if args.int8 and args.opset < 13:
-        raise UserError(f"--int8 needs --opset 13 or later (per-channel QuantizeLinear), got {args.opset}")
-    if args.calib_images < 1:
-        raise UserError(f"--calib_images must be at least 1, got {args.calib_images}")
-    if args.int8:
-        require_path(args.calib_data, "--calib_data split", "dir")
-        check_calibration_split(args.calib_data, 1 if args.dynamic else args.batch)
-
-
-main = script_main(get_args_parser, run_export, check_args)
+main = script_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

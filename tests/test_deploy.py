@@ -1,4 +1,7 @@
 """export.py (ONNX + onnxruntime parity) and benchmark.py (table, CSV, plot) on small models."""
+import dataclasses
+import typing
+
 import numpy as np
 import onnx
 import pandas as pd
@@ -8,9 +11,9 @@ import benchmark
 import export
 from conftest import REPO, assert_user_error, run_script
 from utils.checkpoint import load_model
-from utils.cli import UserError
-from utils.deploy import (LogitsOnly, add_ratios, add_throughput, check_parity, format_table, parity_passed,
-                          trtexec_command)
+from utils.cli import UserError, options_from
+from utils.deploy import (BenchmarkOptions, ExportOptions, LogitsOnly, VariantSpec, add_ratios, add_throughput,
+                          check_parity, format_table, parity_passed, trtexec_command)
 
 
 def test_export_matches_pytorch_in_onnxruntime(tmp_path, lively_mobilenet_checkpoint, capsys):
@@ -108,3 +111,43 @@ def test_benchmark_bad_inputs(tmp_path, mobilenet_checkpoint, argv, fragment):
     with pytest.raises(UserError, match=fragment.replace("+", r"\+")):
         benchmark.main([*argv, "--output_dir", str(tmp_path)])
     assert not (tmp_path / "benchmark").exists()
+
+
+def _option_fields(spec):
+    """The names options_from fills from a command line: every field, nested option dataclasses opened."""
+    hints = typing.get_type_hints(spec)
+    for field in dataclasses.fields(spec):
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from _option_fields(hints[field.name])
+        else:
+            yield field.name
+
+
+@pytest.mark.parametrize("script, spec", [(export, ExportOptions), (benchmark, BenchmarkOptions)])
+def test_every_field_of_a_scripts_options_is_one_of_its_flags(script, spec):
+    """A field without a flag would silently keep its default whatever the user typed (a renamed flag, a typo)."""
+    dests = {action.dest for action in script.get_args_parser()._actions}
+    assert set(_option_fields(spec)) - dests == set()
+
+
+def test_export_options_from_a_command_line_are_checked_once_and_frozen(tmp_path, mobilenet_checkpoint):
+    args = export.get_args_parser().parse_args([str(mobilenet_checkpoint), "--output_dir", str(tmp_path),
+                                                "--device", "cpu"])
+    options = options_from(ExportOptions, vars(args))
+    assert options.onnx_path == tmp_path / "export" / f"{mobilenet_checkpoint.stem}.onnx"
+    assert options.device.type == "cpu" and options.precision == "float32"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.size = 64
+    with pytest.raises(UserError, match="--size must be a multiple of 8"):
+        dataclasses.replace(options, size=60)
+
+
+def test_benchmark_options_build_the_variant_spec_from_the_same_flags(mobilenet_checkpoint):
+    args = benchmark.get_args_parser().parse_args([str(mobilenet_checkpoint), "--size", "64", "--batch", "2",
+                                                   "--channels_last", "--fold_batchnorm", "False",
+                                                   "--output_stride", "16", "--device", "cpu"])
+    options = options_from(BenchmarkOptions, vars(args))
+    assert options.checkpoints == (str(mobilenet_checkpoint),)
+    assert options.variant == VariantSpec(64, 2, "cpu", channels_last=True, fold_batchnorm=False, output_stride=16)
+    with pytest.raises(UserError, match="--batch must be at least 1"):
+        VariantSpec(64, 0, "cpu")

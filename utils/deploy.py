@@ -20,15 +20,16 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_model
-from utils.cli import UserError, default_name, device_name, progress_enabled, resolve_device
-from utils.files import replace_atomically
+from utils.cli import (UserError, default_name, device_name, plain_name, progress_enabled, require_path,
+                       resolve_device)
+from utils.files import refuse_existing, replace_atomically
 from utils.model import count_macs, fold_batchnorm, forward_logits, strip_aux_head
 from utils.onnx_model import (INPUT_NAME, OUTPUT_NAME, OnnxNetwork, facts_metadata, is_onnx_path, onnx_input,
                               onnx_session)
-from utils.quantize import (QUANTISATION, calibration_feeds, calibration_set, prediction_agreement,
-                            quantize_int8)
+from utils.quantize import (QUANTISATION, calibration_feeds, calibration_set, check_calibration_split,
+                            prediction_agreement, quantize_int8)
 from utils.report import write_csv
-from utils.timing import forward_times, interleaved_times, time_calls
+from utils.timing import WARMUP, forward_times, interleaved_times, time_calls
 
 FLOAT32_MAX_DIFF = 1e-3      # acceptance bound for a float32 graph; float16 graphs are judged by argmax only
 MIN_AGREEMENT = {False: 0.999, True: 0.98}  # argmax agreement by --half; float16 rounding flips near-ties
@@ -183,43 +184,112 @@ def export_int8(fp32_path, output, facts, calib_data, calib_images, size, device
     return agreement
 
 
-def run_export(args):
-    """export.py: trace the checkpoint's deployed network to args.output, check it in onnxruntime, with --int8
-    quantise it beside, print the trtexec lines; exit status 1 when the parity check fails (the file is kept)."""
-    output = args.output
-    device = resolve_device(args.device)
-    model, metadata = load_model(args.checkpoint, device=device, allow_pickle=args.allow_pickle,
-                                 stride=args.output_stride)
+def _resolved_device(spec):
+    """--device's text (auto, cpu, cuda, cuda:N) as the torch.device it names, set once while the spec is made."""
+    object.__setattr__(spec, "device", resolve_device(spec.device))
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What export.py's run needs, checked when made: the checkpoint and the graph's file (`output`; None:
+    OUTPUT_DIR/export/<checkpoint name>.onnx, see onnx_path), its input (size x size, batch, free axes with
+    `dynamic`), opset and precision, and with `int8` the split and image count that calibrate the INT8 graph."""
+    checkpoint: str
+    output: str | None = None
+    output_dir: str = "results"
+    overwrite: bool = False
+    size: int = 512
+    batch: int = 1
+    dynamic: bool = False
+    opset: int = 17
+    half: bool = False
+    int8: bool = False
+    calib_data: str | None = None
+    calib_images: int = 16
+    allow_pickle: bool = False
+    output_stride: int | None = None
+    device: torch.device | str = "auto"
+
+    def __post_init__(self):
+        if self.size < 32 or self.size % 8:
+            raise UserError(f"--size must be a multiple of 8, at least 32, got {self.size}")
+        if self.batch < 1:
+            raise UserError(f"--batch must be at least 1, got {self.batch}")
+        if not 11 <= self.opset <= 20:
+            raise UserError(f"--opset must be between 11 and 20, got {self.opset}")
+        require_path(self.checkpoint, "checkpoint", "file")
+        self._check_int8()
+        if self.onnx_path.suffix.lower() != ".onnx":
+            raise UserError(f"--output should end in .onnx, got {self.onnx_path}")
+        refuse_existing([self.onnx_path] + ([int8_path(self.onnx_path)] if self.int8 else []), self.overwrite,
+                        "choose another --output")
+        _resolved_device(self)
+
+    def _check_int8(self):
+        """--int8 needs a split of images to calibrate on; its flags mean nothing without it."""
+        if self.int8 and self.half:
+            raise UserError("--int8 and --half are two different graphs: drop --half (INT8 is quantised from "
+                            "float32)")
+        if self.int8 and not self.calib_data:
+            raise UserError("--int8 needs --calib_data SPLIT (a folder with Images/, e.g. the val split) to "
+                            "calibrate the activation ranges on")
+        if self.calib_data and not self.int8:
+            raise UserError("--calib_data is only used with --int8; add --int8 or drop --calib_data")
+        if self.int8 and self.opset < 13:
+            raise UserError(f"--int8 needs --opset 13 or later (per-channel QuantizeLinear), got {self.opset}")
+        if self.calib_images < 1:
+            raise UserError(f"--calib_images must be at least 1, got {self.calib_images}")
+        if self.int8:
+            require_path(self.calib_data, "--calib_data split", "dir")
+            check_calibration_split(self.calib_data, 1 if self.dynamic else self.batch)
+
+    @property
+    def onnx_path(self):
+        """The float32 (or --half float16) graph's file: --output, or OUTPUT_DIR/export/<checkpoint name>.onnx."""
+        return Path(self.output or Path(self.output_dir) / "export" / f"{default_name(self.checkpoint)}.onnx")
+
+    @property
+    def precision(self):
+        return "float16" if self.half else "float32"
+
+
+def run_export(options):
+    """export.py: trace the checkpoint's deployed network to options.onnx_path, check it in onnxruntime, with
+    --int8 quantise it beside, print the trtexec lines; exit status 1 when the parity check fails (the file is
+    kept)."""
+    output, device, size, batch = options.onnx_path, options.device, options.size, options.batch
+    model, metadata = load_model(options.checkpoint, device=device, allow_pickle=options.allow_pickle,
+                                 stride=options.output_stride)
     reference = LogitsOnly(model, metadata["num_classes"]).eval()
-    facts = graph_facts(reference, metadata, args.size, "float16" if args.half else "float32", args.checkpoint)
+    facts = graph_facts(reference, metadata, size, options.precision, options.checkpoint)
     fold_batchnorm(reference)
-    network = copy.deepcopy(reference).half() if args.half else reference
+    network = copy.deepcopy(reference).half() if options.half else reference
     started = time.perf_counter()
-    export_onnx(network, output, args.size, args.batch, args.dynamic, args.opset, facts)
+    export_onnx(network, output, size, batch, options.dynamic, options.opset, facts)
     megabytes = os.path.getsize(output) / 2**20
     print(f"wrote {output} ({megabytes:.1f} MB, {metadata['arch']}{' pruned' if metadata.get('pruning') else ''}, "
-          f"{facts['precision']}, opset {args.opset}, input image "
-          f"{'Nx3xHxW' if args.dynamic else f'{args.batch}x3x{args.size}x{args.size}'}) in "
+          f"{facts['precision']}, opset {options.opset}, input image "
+          f"{'Nx3xHxW' if options.dynamic else f'{batch}x3x{size}x{size}'}) in "
           f"{time.perf_counter() - started:.1f} s")
 
-    shapes = [(args.batch, args.size, args.size)]
-    if args.dynamic:
-        shapes.append((args.batch + 1, args.size // 2, args.size * 3 // 4))
+    shapes = [(batch, size, size)]
+    if options.dynamic:
+        shapes.append((batch + 1, size // 2, size * 3 // 4))
     with torch.no_grad():
         rows = check_parity(reference, output, shapes, device)
     _print_parity(rows)
-    if not parity_passed(rows, args.half):
-        print(f"export.py: parity check FAILED (tolerance: {PARITY_RULE[args.half]}); {output} was kept for "
+    if not parity_passed(rows, options.half):
+        print(f"export.py: parity check FAILED (tolerance: {PARITY_RULE[options.half]}); {output} was kept for "
               f"inspection. Float32 rounding alone exceeds 1e-3 when logits run into the hundreds, as in an "
               f"untrained network", file=sys.stderr)
         sys.exit(1)
     print("parity check passed")
-    if args.int8:
-        export_int8(output, int8_path(output), facts, args.calib_data, args.calib_images, args.size, device)
+    if options.int8:
+        export_int8(output, int8_path(output), facts, options.calib_data, options.calib_images, size, device)
     print("build the TensorRT engine on the Jetson itself (engines are specific to the device):")
-    print(f"  {trtexec_command(output, args.size, args.dynamic)}")
-    if args.int8:
-        print(f"  {trtexec_command(int8_path(output), args.size, args.dynamic, int8=True)}")
+    print(f"  {trtexec_command(output, size, options.dynamic)}")
+    if options.int8:
+        print(f"  {trtexec_command(int8_path(output), size, options.dynamic, int8=True)}")
 
 
 # --- benchmark ---------------------------------------------------------------------------------------------
@@ -247,34 +317,61 @@ class Variant:
     image: torch.Tensor
 
 
-def prepare_variant(path, label, size, batch, device, half=False, channels_last=False, allow_pickle=False,
-                    fold=True, stride=None):
-    """Load a checkpoint as deployed (main-head logits only), count its MACs, fold its BatchNorms (fold=True),
-    move it and its input."""
-    model, metadata = load_model(path, device="cpu", allow_pickle=allow_pickle, stride=stride)
+@dataclass(frozen=True)
+class VariantSpec:
+    """How every variant is prepared and timed, checked when made: a batch x 3 x size x size input on `device`
+    (--device's text, resolved to a torch.device then), float16 with `half` (CUDA only), channels-last memory,
+    BatchNorm folded, the output stride (None: the checkpoint's) and whether a pickled model may be read."""
+    size: int = 512
+    batch: int = 1
+    device: torch.device | str = "auto"
+    half: bool = False
+    channels_last: bool = False
+    fold_batchnorm: bool = True
+    output_stride: int | None = None
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        for option, low in (("size", 32), ("batch", 1)):
+            if getattr(self, option) < low:
+                raise UserError(f"--{option} must be at least {low}, got {getattr(self, option)}")
+        _resolved_device(self)
+        if self.half and self.device.type != "cuda":
+            raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half")
+
+    @property
+    def dtype(self):
+        return torch.float16 if self.half else torch.float32
+
+
+def prepare_variant(path, label, spec):
+    """Load a checkpoint as deployed (main-head logits only), count its MACs, fold its BatchNorms
+    (spec.fold_batchnorm), move it and its input to spec.device."""
+    model, metadata = load_model(path, device="cpu", allow_pickle=spec.allow_pickle, stride=spec.output_stride)
     network = LogitsOnly(model, metadata["num_classes"]).eval()
-    macs, params = count_macs(network, size)
-    if fold:
+    macs, params = count_macs(network, spec.size)
+    if spec.fold_batchnorm:
         fold_batchnorm(network)
-    dtype = torch.float16 if half else torch.float32
     facts = {"checkpoint": str(path), "arch": metadata["arch"], "pruned": bool(metadata.get("pruning")),
-             "params_m": params / 1e6, "gmacs": macs / 1e9, "size": size, "batch": batch, "device": str(device),
-             "dtype": str(dtype).replace("torch.", ""), "channels_last": channels_last, "folded_bn": fold}
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    network = network.to(device, dtype).to(memory_format=memory_format)
-    image = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-    return Variant(label, facts, network, image)
+             "params_m": params / 1e6, "gmacs": macs / 1e9, "size": spec.size, "batch": spec.batch,
+             "device": str(spec.device), "dtype": str(spec.dtype).replace("torch.", ""),
+             "channels_last": spec.channels_last, "folded_bn": spec.fold_batchnorm}
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+    network = network.to(spec.device, spec.dtype).to(memory_format=memory_format)
+    image = torch.randn(spec.batch, 3, spec.size, spec.size, device=spec.device, dtype=spec.dtype)
+    return Variant(label, facts, network, image.contiguous(memory_format=memory_format))
 
 
-def prepare_onnx_variant(path, label, size, batch, device):
+def prepare_onnx_variant(path, label, spec):
     """An ONNX file of export.py as a variant: onnxruntime runs it (on the CUDA provider for a CUDA device),
-    its facts come from the graph (MACs scaled to size), and a graph of another fixed size is refused now."""
-    network = OnnxNetwork(path, device)
+    its facts come from the graph (MACs scaled to spec.size), and a graph of another fixed size is refused now.
+    The graph's own precision holds: spec's half, channels_last, fold_batchnorm and output_stride do not apply."""
+    network = OnnxNetwork(path, spec.device)
     facts = {"checkpoint": str(path), "arch": network.facts["arch"], "pruned": network.facts["pruned"],
-             "params_m": network.facts["params"] / 1e6, "gmacs": network.macs(size) / 1e9, "size": size,
-             "batch": batch, "device": str(device), "dtype": network.facts["precision"], "channels_last": False,
-             "folded_bn": True}
-    image = torch.randn(batch, 3, size, size)
+             "params_m": network.facts["params"] / 1e6, "gmacs": network.macs(spec.size) / 1e9, "size": spec.size,
+             "batch": spec.batch, "device": str(spec.device), "dtype": network.facts["precision"],
+             "channels_last": False, "folded_bn": True}
+    image = torch.randn(spec.batch, 3, spec.size, spec.size)
     network.feed(image)
     return Variant(label, facts, network, image)
 
@@ -369,22 +466,17 @@ def add_throughput(rows, gemm):
     return rows
 
 
-def benchmark_rows(paths, size=512, batch=1, device=torch.device("cpu"), runs=20, warmup=3, half=False,
-                   channels_last=False, onnx=False, allow_pickle=False, progress=True, fold=True, stride=None):
-    """Every checkpoint measured in one process, so the numbers are comparable; returns rows with ratios,
-    GFLOP/s and the fraction of the same process's GEMM rate (in row["gemm_gflops"])."""
-    if half and device.type != "cuda":
-        raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half")
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"checkpoint not found: {path}")
-    variants = [prepare_onnx_variant(path, label, size, batch, device) if is_onnx_path(path) else
-                prepare_variant(path, label, size, batch, device, half, channels_last, allow_pickle, fold, stride)
+def benchmark_rows(paths, spec, runs=20, warmup=WARMUP, onnx=False, progress=True):
+    """Every checkpoint (or .onnx file) measured in one process as `spec` says, so the numbers are comparable;
+    with onnx=True each checkpoint also exported and timed in onnxruntime. Returns rows with ratios, GFLOP/s and
+    the fraction of the same process's GEMM rate (in row["gemm_gflops"])."""
+    variants = [prepare_onnx_variant(path, label, spec) if is_onnx_path(path) else
+                prepare_variant(path, label, spec)
                 for path, label in tqdm(list(zip(paths, unique_labels(paths))), desc="loading",
                                         disable=not progress_enabled(progress),
                                         dynamic_ncols=True)]
-    rows = add_ratios(time_variants(variants, runs, warmup, device, onnx))
-    gemm = gemm_gflops(device, torch.float16 if half else torch.float32)
+    rows = add_ratios(time_variants(variants, runs, warmup, spec.device, onnx))
+    gemm = gemm_gflops(spec.device, spec.dtype)
     for row in rows:
         row["gemm_gflops"] = gemm
     return add_throughput(rows, gemm)
@@ -442,17 +534,38 @@ def write_benchmark(rows, folder, name, title=""):
     return csv_path, png_path, existed
 
 
-def run_benchmark(args):
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """What benchmark.py's run needs, checked when made: the checkpoints and .onnx files to compare, how each
+    is prepared and timed (`variant`), `runs` timed rounds after `warmup`, onnx: also time each checkpoint
+    exported, and where the table goes (OUTPUT_DIR/benchmark/NAME.csv and .png)."""
+    checkpoints: tuple[str, ...]
+    variant: VariantSpec
+    runs: int = 20
+    warmup: int = WARMUP
+    onnx: bool = False
+    name: str = "benchmark"
+    output_dir: str = "results"
+
+    def __post_init__(self):
+        for option, low in (("runs", 1), ("warmup", 0)):
+            if getattr(self, option) < low:
+                raise UserError(f"--{option} must be at least {low}, got {getattr(self, option)}")
+        plain_name(self.name, "--name")
+        for path in self.checkpoints:
+            if not os.path.isfile(path):
+                raise UserError(f"checkpoint not found: {path}")
+
+
+def run_benchmark(options):
     """benchmark.py: every checkpoint measured in one process, printed as a table, saved as CSV and plot."""
-    device = resolve_device(args.device)
-    rows = benchmark_rows(args.checkpoints, args.size, args.batch, device, args.runs, args.warmup, args.half,
-                          args.channels_last, args.onnx, args.allow_pickle, fold=args.fold_batchnorm,
-                          stride=args.output_stride)
-    title = f"{device_name(device)}, batch {args.batch} x {args.size}x{args.size} px"
-    if device.type == "cpu":
+    spec = options.variant
+    rows = benchmark_rows(options.checkpoints, spec, options.runs, options.warmup, options.onnx)
+    title = f"{device_name(spec.device)}, batch {spec.batch} x {spec.size}x{spec.size} px"
+    if spec.device.type == "cpu":
         print(cpu_description())
-    print(f"{title}, {'float16' if args.half else 'float32'}, {args.runs} runs after {args.warmup} warm-up, "
-          f"BatchNorm {'folded' if args.fold_batchnorm else 'kept'}, torch {torch.__version__}")
+    print(f"{title}, {'float16' if spec.half else 'float32'}, {options.runs} runs after {options.warmup} warm-up, "
+          f"BatchNorm {'folded' if spec.fold_batchnorm else 'kept'}, torch {torch.__version__}")
     print(format_table(rows))
     print(f"GEMM rate of this device in this process: {rows[0]['gemm_gflops']:.1f} GFLOP/s "
           f"('of GEMM' = the network's 2 x MACs / latency as a fraction of it)")
@@ -462,5 +575,5 @@ def run_benchmark(args):
                   f"{1 / row['macs_ratio']:.2f}x fewer MACs ({row['speedup'] * row['macs_ratio']:.2f} of the MACs "
                   f"reduction) and {1 / row['params_ratio']:.2f}x fewer parameters")
     print_onnx_speedups(rows)
-    csv_path, png_path, existed = write_benchmark(rows, Path(args.output_dir) / "benchmark", args.name, title)
+    csv_path, png_path, existed = write_benchmark(rows, Path(options.output_dir) / "benchmark", options.name, title)
     print(f"wrote {csv_path} and {png_path}{' (replacing the previous ones)' if existed else ''}")
