@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from utils import model as models
-from utils.checkpoint import (load_for_inference, load_model, make_checkpoint, read_checkpoint, save_atomic)
+from utils import data, model as models
+from utils.checkpoint import (checkpoint_classes, load_for_inference, load_model, make_checkpoint, read_checkpoint,
+                              save_atomic)
 from utils.cli import UserError
 
 ARCH = "deeplabv3_mobilenet_v3_large"
@@ -81,13 +82,30 @@ def test_pickled_model_needs_allow_pickle(tmp_path):
 def test_other_class_count_missing_file_and_garbage_refused(tmp_path):
     path = tmp_path / "voc.pth"
     torch.save(models.build(ARCH, 21, init="none").state_dict(), path)
-    with pytest.raises(UserError, match="21 classes but S2DS has 7"):
+    with pytest.raises(UserError, match="21 classes but records no class table"):
         load_model(path)
     with pytest.raises(UserError, match="checkpoint not found"):
         load_model(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_model(tmp_path / "junk.pth")
+
+
+def test_a_checkpoint_names_its_classes_and_a_tampered_table_is_refused(tmp_path):
+    binary = data.ClassTable(("background", "crack"), ((0, 0, 0), (255, 255, 255)))
+    path = tmp_path / "binary.pth"
+    save_atomic(make_checkpoint(models.build(ARCH, 2, init="none"), ARCH, binary), path)
+    _, metadata = load_model(path)
+    assert checkpoint_classes(metadata) == binary and metadata["classes"] == ["background", "crack"]
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["class_table"][1][2] = 7  # a colour no label can have
+    torch.save(checkpoint, tmp_path / "tampered.pth")
+    with pytest.raises(UserError, match="damaged or edited checkpoint.*0 or 255"):
+        load_model(tmp_path / "tampered.pth")
+    checkpoint["class_table"] = checkpoint["class_table"][:1]
+    torch.save(checkpoint, tmp_path / "short.pth")
+    with pytest.raises(UserError, match="damaged or edited checkpoint"):
+        load_model(tmp_path / "short.pth")
 
 
 def test_weights_into_another_architecture_refused(tmp_path, mobilenet_checkpoint):

@@ -7,6 +7,7 @@ from torchvision import tv_tensors
 
 from conftest import assert_user_error, run_script
 from utils import data
+from utils.cli import UserError
 from utils.data.__main__ import main as data_main
 from utils.synthetic import generate
 
@@ -218,3 +219,46 @@ def test_prepare_splits_release_by_published_numbering(tmp_path):
         assert [s.name for s in dataset.samples] == [f"{number:03d}"]
         assert dataset.samples[0].label.parent.name == data.GRAY_DIR
     assert_user_error(run_script("-m", "utils.data", "prepare", release, tmp_path / "out"), "not empty")
+
+
+# --- class tables from the data (classes.csv) ------------------------------------------------------------
+
+def test_binary_dataset_reads_its_own_classes_and_its_0_255_masks(tmp_path):
+    """A binary crack set as Crack500/DeepCrack/CFD publish it: classes.csv beside the splits, 0/255 masks under
+    Labels_RGB/; the masks read as background 0 and crack 1, checked against the masks written."""
+    generate(tmp_path, count=6, size=64, seed=3, binary=True)
+    dataset = data.S2DSDataset(tmp_path / "train")
+    assert dataset.classes.names == ("background", "crack") and dataset.classes.crack_id == 1
+    masks = [np.array(Image.open(sample.label)) for sample in dataset.samples]
+    assert {int(value) for mask in masks for value in np.unique(mask)} == {0, 255}
+    for index, mask in enumerate(masks):
+        np.testing.assert_array_equal(dataset.load(index)[1], (mask == 255).astype(np.uint8))
+    assert data.read_class_table(tmp_path / "val") == dataset.classes
+    assert data.read_class_table(tmp_path / "other" / "train") == data.S2DS_CLASSES  # none in it or above: S2DS
+
+
+def test_class_table_rows_round_trip_and_crack_is_found_by_name():
+    table = data.ClassTable(("background", "spall", "crack"), ((0, 0, 0), (255, 0, 0), (255, 255, 255)))
+    assert data.ClassTable.from_rows(table.rows()) == table
+    assert (table.crack_id, table.background_id, table.num_classes) == (2, 0, 3)
+    assert data.ClassTable(("sound", "rust"), ((0, 0, 0), (255, 0, 0))).crack_id is None
+    ids = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(data.decode_rgb_label(data.encode_rgb_label(ids, table), classes=table)[:, :1],
+                                  ids[:, :1])
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("id,name\n0,background\n", "header id,name,R,G,B"),
+    ("id,name,R,G,B\n0,background,0,0,0\n2,crack,255,255,255\n", "without gaps"),
+    ("id,name,R,G,B\n0,background,0,0,0\n1,crack,200,200,200\n", "0 or 255"),
+    ("id,name,R,G,B\n0,background,0,0,0\n1,Crack!,255,255,255\n", "lowercase words"),
+    ("id,name,R,G,B\n0,background,0,0,0\n", "2 to 8 classes"),
+    ("id,name,R,G,B\n0,background,0,0,0\n1,crack,x,0,0\n", "integer id and colour"),
+])
+def test_bad_classes_csv_is_one_line_naming_the_file(tmp_path, text, fragment):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "classes.csv").write_text(text)
+    with pytest.raises(UserError, match=fragment) as error:
+        data.read_class_table(tmp_path / "train")
+    assert "classes.csv" in str(error.value) and "\n" not in str(error.value)
+

@@ -213,7 +213,7 @@ def _ddp_worker(rank, world_size, port, out_dir):
         cm.update(target[half], prediction[half])
         cm.all_reduce()
         tolerance = ToleranceAccumulator(tolerance_px=1)
-        tolerance.update(target[half], prediction[half])
+        tolerance.update(target[half], prediction[half], 6)
         tolerance.all_reduce()
         np.savez(f"{out_dir}/rank{rank}.npz", matrix=cm.matrix.numpy(), support=cm.image_support.numpy(),
                  num_images=cm.num_images.numpy(), tolerance=[tolerance.counts[k] for k in sorted(tolerance.counts)])
@@ -230,7 +230,7 @@ def test_two_process_all_reduce_equals_single_process(tmp_path):
     single = ConfusionMatrix(7)
     single.update(target, prediction)
     tolerance = ToleranceAccumulator(tolerance_px=1)
-    tolerance.update(target, prediction)
+    tolerance.update(target, prediction, 6)
     for rank in range(2):
         result = np.load(tmp_path / f"rank{rank}.npz")
         np.testing.assert_array_equal(result["matrix"], single.matrix.numpy())
@@ -312,11 +312,11 @@ def test_tolerance_accumulator_sums_images_and_drops_ignored_prediction():
     prediction[1][_line([30])] = crack  # predicted crack on ignored pixels: not counted
     accumulator = ToleranceAccumulator(tolerance_px=4)
     for index in range(2):
-        accumulator.update(torch.from_numpy(target[index]), torch.from_numpy(prediction[index]))
+        accumulator.update(torch.from_numpy(target[index]), torch.from_numpy(prediction[index]), crack)
     assert accumulator.counts == {"tp_pred": 60, "n_pred": 60, "tp_gt": 60, "n_gt": 60}
     assert accumulator.compute()["lt_iou"] == 1.0
     batched = ToleranceAccumulator(tolerance_px=4)
-    batched.update(target, prediction)  # a batch gives the same sums
+    batched.update(target, prediction, crack)  # a batch gives the same sums
     assert batched.counts == accumulator.counts
     accumulator.all_reduce()  # no-op without torch.distributed
     assert accumulator.counts["n_gt"] == 60

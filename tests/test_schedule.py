@@ -11,6 +11,7 @@ import train
 from conftest import assert_user_error, run_script
 from utils import data, model as models
 from utils.checkpoint import load_model, make_checkpoint, save_atomic
+from utils.cli import UserError
 from utils.recipe import PolyDecay, epochs_within_budget, poly_scheduler, resize_schedule
 
 FAST = ["--batch_size", "2", "--crop_size", "64", "--init", "none", "--device", "cpu", "--workers", "0"]
@@ -153,11 +154,13 @@ def test_skeleton_recall_loss_by_hand():
     logits[:, 0] = 50.0
     logits[0, data.CRACK_ID, :, :5], logits[0, 0, :, :5] = 50.0, -50.0  # crack predicted on columns 0-4
     # covered: row 3 cols 1-4 (4) + row 5 cols 1-4 (4) + row 4 cols 0-4 (5) = 13 of 23
-    assert skeleton_recall_loss(logits, target).item() == pytest.approx(1 - 13 / 23, abs=1e-6)
+    assert skeleton_recall_loss(logits, target, data.CRACK_ID).item() == pytest.approx(1 - 13 / 23, abs=1e-6)
     plain = SegmentationLoss("ce")(logits, target)
-    assert SegmentationLoss("ce", skeleton_weight=2.0)(logits, target).item() == pytest.approx(
-        plain.item() + 2 * (1 - 13 / 23), abs=1e-5)
-    assert skeleton_recall_loss(logits, torch.zeros_like(target)).item() == 0
+    assert SegmentationLoss("ce", skeleton_weight=2.0, crack_id=data.CRACK_ID)(logits, target).item() == \
+        pytest.approx(plain.item() + 2 * (1 - 13 / 23), abs=1e-5)
+    assert skeleton_recall_loss(logits, torch.zeros_like(target), data.CRACK_ID).item() == 0
+    with pytest.raises(UserError, match="crack"):  # a class table without crack has no skeleton to recall
+        SegmentationLoss("ce", skeleton_weight=1.0)
 
 
 def test_config_repeats_a_run_and_flags_win(dataset_dir, tmp_path):

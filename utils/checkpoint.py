@@ -10,7 +10,7 @@ import re
 import torch
 
 from utils.cli import UserError
-from utils.data import CLASS_NAMES, NUM_CLASSES
+from utils.data import S2DS_CLASSES, ClassTable
 from utils.distributed import unwrap
 from utils.files import refuse_existing, replace_atomically
 from utils.model import ARCHS, build, has_aux, output_stride, set_output_stride
@@ -34,16 +34,18 @@ def save_atomic(obj, path):
     replace_atomically(str(path), write)
 
 
-def make_checkpoint(model, arch, num_classes=NUM_CLASSES, pruning=None, **extra):
-    """The checkpoint dict: everything needed to rebuild the network, plus training state in `extra`."""
+def make_checkpoint(model, arch, classes=S2DS_CLASSES, pruning=None, **extra):
+    """The checkpoint dict: everything needed to rebuild the network and name its outputs (the ClassTable
+    `classes` as plain rows), plus training state in `extra`."""
     model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
         "version": VERSION,
         "arch": arch,
-        "num_classes": num_classes,
-        "num_outputs": num_classes,
-        "classes": list(CLASS_NAMES[:num_classes]),
+        "num_classes": classes.num_classes,
+        "num_outputs": classes.num_classes,
+        "classes": list(classes.names),
+        "class_table": classes.rows(),
         "aux_loss": getattr(model, "aux_classifier", None) is not None,
         "output_stride": output_stride(model),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -85,11 +87,11 @@ def _from_state_dict(state_dict, source):
     state_dict = _strip_prefix(state_dict)
     arch = infer_arch(state_dict)
     outputs = _num_outputs(state_dict)
-    classes = NUM_CLASSES if outputs == NUM_CLASSES + 1 else outputs  # the thesis' extra boundary channel
+    classes = S2DS_CLASSES.num_classes if outputs == S2DS_CLASSES.num_classes + 1 else outputs  # thesis' 8th
     return {
         "format": "state_dict", "version": 0, "arch": arch,
         "num_classes": classes, "num_outputs": outputs,
-        "classes": list(CLASS_NAMES[:classes]),
+        "classes": list(S2DS_CLASSES.names[:classes]),
         "aux_loss": any(k.startswith("aux_classifier.") for k in state_dict),
         "model": state_dict, "source": source,
     }
@@ -162,7 +164,25 @@ def _checked(checkpoint, path):
     pruning = checkpoint.get("pruning")
     if pruning is not None and not (isinstance(pruning, list) and all(_is_history_entry(e) for e in pruning)):
         refuse("'pruning' is not a list of [layer name, is output channels, [indices]]")
+    if "class_table" in checkpoint:
+        try:
+            table = ClassTable.from_rows(checkpoint["class_table"], "'class_table'")
+        except UserError as error:
+            refuse(str(error))
+        if table.num_classes != checkpoint["num_classes"]:
+            refuse(f"'class_table' has {table.num_classes} classes but 'num_classes' is {checkpoint['num_classes']}")
     return checkpoint
+
+
+def checkpoint_classes(checkpoint, path="the checkpoint"):
+    """The ClassTable a checkpoint (or load_model's metadata) records; S2DS's for files from before class tables
+    (and thesis state_dicts), which all have its seven classes. Another class count without a table is refused."""
+    if checkpoint.get("class_table"):
+        return ClassTable.from_rows(checkpoint["class_table"], f"{path}: 'class_table'")
+    if checkpoint.get("num_classes") == S2DS_CLASSES.num_classes:
+        return S2DS_CLASSES
+    raise UserError(f"{path} predicts {checkpoint.get('num_classes')} classes but records no class table (only "
+                    f"S2DS's {S2DS_CLASSES.num_classes} classes are known without one); retrain it with this version")
 
 
 def _is_history_entry(entry):
@@ -235,12 +255,12 @@ def strip_for_deployment(source, target, overwrite=False):
     return [key for key in checkpoint if key not in stripped]
 
 
-def load_model(path, device="cpu", allow_pickle=False, num_classes=NUM_CLASSES, stride=None):
-    """(model in eval mode, metadata) from any checkpoint kind; refuses another class count. The network runs
-    at the output stride its checkpoint records (8 when it records none) unless `stride` overrides it."""
+def load_model(path, device="cpu", allow_pickle=False, stride=None):
+    """(model in eval mode, metadata) from any checkpoint kind; metadata["class_table"] holds its classes' rows
+    (checkpoint_classes). The network runs at the output stride its checkpoint records (8 when it records none)
+    unless `stride` overrides it."""
     checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
-    if num_classes is not None and checkpoint["num_classes"] != num_classes:
-        raise UserError(f"{path} predicts {checkpoint['num_outputs']} classes but S2DS has {num_classes}")
+    checkpoint["class_table"] = checkpoint_classes(checkpoint, path).rows()
     if "module" in checkpoint:
         model = checkpoint.pop("module")
     else:

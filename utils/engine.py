@@ -134,6 +134,7 @@ class EvalSettings:
     per_image: bool = False
     tolerance_px: int | None = None
     progress: bool = True
+    crack_id: int | None = CRACK_ID  # the class crack metrics are about (ClassTable.crack_id); None: none
 
 
 @dataclass
@@ -168,7 +169,8 @@ def evaluate(model, loader, device, settings, criterion=None, on_prediction=None
     model.eval()
     num_classes, per_image, tolerance_px = settings.num_classes, settings.per_image, settings.tolerance_px
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
-    tolerance = ToleranceAccumulator(tolerance_px) if tolerance_px is not None else None
+    crack_id = settings.crack_id
+    tolerance = ToleranceAccumulator(tolerance_px) if tolerance_px is not None and crack_id is not None else None
     loss_sum, loss_pixels, images_seen, forward_seconds = 0.0, 0, 0, 0.0
     per_image_rows = []
     started = time.perf_counter()
@@ -196,9 +198,9 @@ def evaluate(model, loader, device, settings, criterion=None, on_prediction=None
         for index, (mask, prediction) in zip(indices.tolist(), predictions):
             images_seen += 1
             if per_image:
-                per_image_rows.append({"index": index, **image_scores(mask, prediction, num_classes, CRACK_ID)})
+                per_image_rows.append({"index": index, **image_scores(mask, prediction, num_classes, crack_id)})
             if tolerance is not None:
-                tolerance.update(mask.cpu().numpy(), prediction.cpu().numpy(), CRACK_ID, IGNORE_INDEX)
+                tolerance.update(mask.cpu().numpy(), prediction.cpu().numpy(), crack_id, IGNORE_INDEX)
             if on_prediction is not None:
                 on_prediction(index, prediction)
     seconds = time.perf_counter() - started

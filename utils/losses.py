@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.cli import UserError
-from utils.data import CRACK_ID, IGNORE_INDEX
+from utils.data import IGNORE_INDEX
 
 LOSSES = ("ce", "ce_weighted", "dice", "ce_dice", "ce_weighted_dice")
 WEIGHTED = ("ce_weighted", "ce_weighted_dice")
@@ -30,7 +30,7 @@ def soft_dice_loss(logits, target, ignore_index=IGNORE_INDEX, eps=1.0):
     return 1 - dice[present].mean() if present.any() else logits.sum() * 0
 
 
-def crack_skeletons(target, class_id=CRACK_ID):
+def crack_skeletons(target, class_id):
     """The labelled cracks thinned to their 1-px centre lines and thickened to 3 px (skeleton recall's "tubed"
     skeleton), as a float (N, H, W) mask on the target's device."""
     from scipy.ndimage import binary_dilation
@@ -41,7 +41,7 @@ def crack_skeletons(target, class_id=CRACK_ID):
     return torch.from_numpy(np.stack(tubes)).to(target.device, torch.float32)
 
 
-def skeleton_recall_loss(logits, target, class_id=CRACK_ID):
+def skeleton_recall_loss(logits, target, class_id):
     """1 - the share of the labelled cracks' centre lines that the predicted crack probability covers
     (Kirchhoff et al., "Skeleton Recall Loss", ECCV 2024): thin structures count by length, not by area, so a
     missed hairline crack costs as much as a missed wide one. 0 for a batch without crack."""
@@ -56,13 +56,15 @@ class SegmentationLoss(nn.Module):
     """Loss on a torchvision segmentation output dict ({'out', 'aux'}) or a plain logits tensor; with
     skeleton_weight > 0 the main output also gets skeleton_recall_loss on the crack class."""
 
-    def __init__(self, kind="ce", class_weights=None, skeleton_weight=0.0):
+    def __init__(self, kind="ce", class_weights=None, skeleton_weight=0.0, crack_id=None):
         super().__init__()
         if kind not in LOSSES:
             raise UserError(f"unknown --loss {kind!r}; choose one of {', '.join(LOSSES)}")
         if kind in WEIGHTED and class_weights is None:
             raise ValueError(f"{kind} needs class weights")
-        self.kind, self.skeleton_weight = kind, skeleton_weight
+        if skeleton_weight and crack_id is None:
+            raise UserError("--skeleton_recall needs a class named crack in the dataset's class table")
+        self.kind, self.skeleton_weight, self.crack_id = kind, skeleton_weight, crack_id
         self.register_buffer("class_weights", class_weights if kind in WEIGHTED else None)
 
     def single(self, logits, target):
@@ -81,7 +83,7 @@ class SegmentationLoss(nn.Module):
         if self.skeleton_weight:
             if logits.shape[-2:] != target.shape[-2:]:
                 logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            loss = loss + self.skeleton_weight * skeleton_recall_loss(logits, target)
+            loss = loss + self.skeleton_weight * skeleton_recall_loss(logits, target, self.crack_id)
         return loss
 
     def forward(self, output, target):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
-from utils.data import BACKGROUND_ID, CRACK_ID, IGNORE_INDEX
+from utils.data import BACKGROUND_ID, IGNORE_INDEX
 
 TOLERANCE_COUNT_KEYS = ("tp_pred", "n_pred", "tp_gt", "n_gt")
 
@@ -223,14 +223,17 @@ class ConfusionMatrix:
         return result
 
 
-def image_scores(target, prediction, num_classes, crack_id=CRACK_ID, ignore_index=IGNORE_INDEX):
-    """Scores of ONE image, reported beside the split metrics: dict(miou, crack_iou).
+def image_scores(target, prediction, num_classes, crack_id=None, ignore_index=IGNORE_INDEX):
+    """Scores of ONE image, reported beside the split metrics: dict(miou, and crack_iou where a class is crack).
 
     miou is the nanmean IoU over the classes present in this image's ground truth or prediction;
     crack_iou is NaN when crack is absent from both. An image with no labelled pixel gives NaN for both.
     """
     iou = per_class_metrics(confusion_matrix(target, prediction, num_classes, ignore_index))["iou"]
-    return {"miou": _nanmean(iou), "crack_iou": float(iou[crack_id])}
+    scores = {"miou": _nanmean(iou)}
+    if crack_id is not None:
+        scores["crack_iou"] = float(iou[crack_id])
+    return scores
 
 
 def _as_bool_mask(mask, name):
@@ -316,7 +319,7 @@ class ToleranceAccumulator:
         """Zero the counts."""
         self.counts = dict.fromkeys(TOLERANCE_COUNT_KEYS, 0)
 
-    def update(self, target_ids, pred_ids, crack_id=CRACK_ID, ignore_index=IGNORE_INDEX):
+    def update(self, target_ids, pred_ids, crack_id, ignore_index=IGNORE_INDEX):
         """Add one image (H, W), or each image of a batch (N, H, W), of class ids.
 
         Predicted crack on ignored pixels is dropped before thinning, as ignored pixels have no truth.

@@ -105,4 +105,5 @@ def make_criterion(kind, dataset, progress, skeleton_weight=0.0):
     if kind in WEIGHTED:
         pixels, _, _ = data.label_statistics(dataset, progress=progress)
         weights = data.class_weights(pixels)
-    return SegmentationLoss(kind, weights, skeleton_weight)
+    whole = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return SegmentationLoss(kind, weights, skeleton_weight, whole.classes.crack_id)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils.cli import ArgumentParser, UserError, add_quiet, progress_enabled, set_quiet
-from utils.data import CLASS_NAMES, CRACK_ID, GRAY_DIR, IMAGE_DIR, RGB_DIR, encode_rgb_label
+from utils.cli import ArgumentParser, UserError, add_bool, add_quiet, progress_enabled, set_quiet
+from utils.data import (CLASS_NAMES, CRACK_ID, GRAY_DIR, IMAGE_DIR, RGB_DIR, ClassTable, encode_rgb_label,
+                        write_class_table)
 
 MIN_SIZE = 32
 MAX_SIZE = 4096
@@ -255,8 +256,22 @@ def _check_args(out, count, size, seed, splits):
                             f"(nothing was written)")
 
 
-def generate(out_dir, count, size, seed=0, splits=DEFAULT_SPLITS, progress=False):
-    """Write `count` size x size samples into out_dir/<split>/{Images,Labels_grayscale,Labels_RGB}/.
+BINARY_CLASSES = ClassTable(("background", "crack"), ((0, 0, 0), (255, 255, 255)))
+
+
+def _write_labels(folders, file_name, ids, binary):
+    """S2DS: Labels_grayscale (ids) and Labels_RGB (colours); binary: one 0/255 mask under Labels_RGB, as Crack500,
+    DeepCrack and CFD publish them."""
+    if binary:
+        Image.fromarray(np.where(ids == CRACK_ID, 255, 0).astype(np.uint8)).save(folders[2] / file_name)
+        return
+    Image.fromarray(ids).save(folders[1] / file_name)
+    Image.fromarray(encode_rgb_label(ids)).save(folders[2] / file_name)
+
+
+def generate(out_dir, count, size, seed=0, splits=DEFAULT_SPLITS, progress=False, binary=False):
+    """Write `count` size x size samples into out_dir/<split>/{Images,Labels_grayscale,Labels_RGB}/; `binary`:
+    cracks on plain concrete only, 0/255 masks under Labels_RGB/ and out_dir/classes.csv (background, crack).
 
     Deterministic: image k draws from its own numpy Generator seeded by (seed, k), so the same
     arguments give byte-identical files. Every split is checked before anything is written, and
@@ -267,26 +282,28 @@ def generate(out_dir, count, size, seed=0, splits=DEFAULT_SPLITS, progress=False
     out = Path(out_dir)
     _check_args(out, count, size, seed, splits)
     counts = split_counts(count, splits)
+    if binary:
+        out.mkdir(parents=True, exist_ok=True)
+        write_class_table(BINARY_CLASSES, out)
     digits = max(3, len(str(count - 1)))
     handed_out = 0  # areal patches so far; patches cycle through AREAL_IDS
     bar = tqdm(total=count, desc="generating", disable=not progress_enabled(progress))
     index = 0
     for name, number in counts.items():
         folders = [out / name / folder for folder in (IMAGE_DIR, GRAY_DIR, RGB_DIR)]
-        for folder in folders:
+        for folder in folders[::2] if binary else folders:
             folder.mkdir(parents=True, exist_ok=True)
         for _ in range(number):
             rng = np.random.default_rng((seed, index))
             patches = int(rng.integers(0, 3))
             if handed_out < len(AREAL_IDS):  # until every areal class has appeared once
                 patches = max(patches, 1)
-            areal_ids = [AREAL_IDS[(handed_out + j) % len(AREAL_IDS)] for j in range(patches)]
-            handed_out += patches
+            areal_ids = [] if binary else [AREAL_IDS[(handed_out + j) % len(AREAL_IDS)] for j in range(patches)]
+            handed_out += len(areal_ids)
             image, ids = _sample(rng, size, areal_ids, index == 0 or rng.random() < CRACK_SHARE)
             file_name = f"{index:0{digits}d}.png"
             Image.fromarray(image).save(folders[0] / file_name)
-            Image.fromarray(ids).save(folders[1] / file_name)
-            Image.fromarray(encode_rgb_label(ids)).save(folders[2] / file_name)
+            _write_labels(folders, file_name, ids, binary)
             index += 1
             bar.update()
     bar.close()
@@ -301,13 +318,15 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128,
                         help=f"image side in px, {MIN_SIZE} to {MAX_SIZE} (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
+    add_bool(parser, "--binary", False, "a binary crack dataset as Crack500/DeepCrack/CFD come: background and crack, "
+                                        "0/255 masks under Labels_RGB/, classes.csv beside the splits")
     add_quiet(parser)
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
-    counts = generate(args.out_dir, args.count, args.size, args.seed, progress=True)
+    counts = generate(args.out_dir, args.count, args.size, args.seed, progress=True, binary=args.binary)
+    folders = f"{IMAGE_DIR}/, {RGB_DIR}/ (0/255 masks)" if args.binary else f"{IMAGE_DIR}/, {GRAY_DIR}/, {RGB_DIR}/"
     for name, number in counts.items():
-        print(f"wrote {Path(args.out_dir) / name}: {number} image(s) of {args.size}x{args.size} px "
-              f"({IMAGE_DIR}/, {GRAY_DIR}/, {RGB_DIR}/)")
+        print(f"wrote {Path(args.out_dir) / name}: {number} image(s) of {args.size}x{args.size} px ({folders})")
 
 
 if __name__ == "__main__":

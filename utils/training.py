@@ -15,7 +15,7 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 
 from utils import data, model as models
-from utils.checkpoint import (build_from_checkpoint, for_deployment, load_model, load_weights, make_checkpoint,
+from utils.checkpoint import (build_from_checkpoint, checkpoint_classes, for_deployment, load_model, load_weights, make_checkpoint,
                               read_checkpoint, require_resume_state, save_atomic)
 from utils.cli import UserError, plain_name, require_path
 from utils.distributed import broadcast_object, cleanup, init_distributed
@@ -181,12 +181,13 @@ def _names(spec):
     return [field.name for field in dataclasses.fields(spec)]
 
 
-def _build_model(network, resumed=None):
-    """The resumed run's own network (rebuilt from last.pth, no pretrained weights built), or a new one;
-    frozen as the run's settings say."""
+def _build_model(network, classes, resumed=None):
+    """The resumed run's own network (rebuilt from last.pth, no pretrained weights built), or a new one
+    predicting `classes` (the data's ClassTable); frozen as the run's settings say."""
     if resumed is None:
-        model, arch, pruning = _new_model(network)
+        model, arch, pruning = _new_model(network, classes)
     else:
+        _same_classes(checkpoint_classes(resumed, "the run's last.pth"), classes, "the run's last.pth")
         model = load_weights(build_from_checkpoint(resumed), resumed["model"], "the run's last.pth").train()
         arch, pruning = resumed["arch"], resumed.get("pruning")
     if network.keep_feature_extract or (network.pruned_model and not network.train_pruned_fully):
@@ -194,11 +195,19 @@ def _build_model(network, resumed=None):
     return model, arch, pruning
 
 
-def _new_model(network):
+def _same_classes(found, wanted, source):
+    """Refuse a network whose classes are not the data's: its outputs would mean other things."""
+    if found != wanted:
+        raise UserError(f"{source} predicts {found.num_classes} classes ({', '.join(found.names)}) but the data has "
+                        f"{wanted.num_classes} ({', '.join(wanted.names)}); use a network trained on these classes")
+
+
+def _new_model(network, classes):
     """Dense from --arch/--init, or the pruned network of --pruned_model; weights on top if given."""
     pruning = None
     if network.pruned_model:
         model, metadata = load_model(network.pruned_model, allow_pickle=network.allow_pickle)
+        _same_classes(checkpoint_classes(metadata, network.pruned_model), classes, network.pruned_model)
         model.train()
         arch, pruning = metadata["arch"], metadata.get("pruning")
         if pruning is None and metadata["format"] != "pickled_model":
@@ -210,11 +219,11 @@ def _new_model(network):
     else:
         arch = network.arch
         init = "none" if network.load_pretrained_weights else network.init  # W replaces what --init would download
-        model = models.build(arch, data.NUM_CLASSES, init, network.aux_loss)
+        model = models.build(arch, classes.num_classes, init, network.aux_loss)
     recorded = None
     if network.load_pretrained_weights:
         checkpoint = read_checkpoint(network.load_pretrained_weights, allow_pickle=network.allow_pickle)
-        weights = slice_extra_outputs(model, checkpoint["model"], data.NUM_CLASSES)  # the thesis' 8th output
+        weights = slice_extra_outputs(model, checkpoint["model"], classes.num_classes)  # the thesis' 8th output
         load_weights(model, weights, network.load_pretrained_weights)
         recorded = checkpoint.get("output_stride")
     stride = network.output_stride or recorded  # the given stride, else the weights' own (else the network's: 8)
@@ -225,13 +234,13 @@ def _new_model(network):
     return model, arch, pruning
 
 
-def _epoch_row(epoch, step, train_stats, result, lr):
+def _epoch_row(epoch, step, train_stats, result, lr, class_names):
     """metrics.csv's row for a validated epoch: train loss and seconds summed over the epochs since the last
     validation (train_stats), then the validation scores."""
     per_class = per_class_metrics(result.confusion.matrix)
     row = {"epoch": epoch, "step": step, "train_loss": train_stats["loss"], "val_loss": result.loss,
            "val_miou": summary_metrics(result.confusion.matrix)["mean_iou"]}
-    row.update({f"val_iou_{name}": float(iou) for name, iou in zip(data.CLASS_NAMES, per_class["iou"])})
+    row.update({f"val_iou_{name}": float(iou) for name, iou in zip(class_names, per_class["iou"])})
     row.update({"lr": lr, "data_seconds": round(train_stats["data_seconds"], 3),
                 "compute_seconds": round(train_stats["compute_seconds"], 3),
                 "val_seconds": round(result.seconds, 3)})
@@ -253,6 +262,7 @@ class Parts:
     amp_dtype: torch.dtype = None
     amp: bool = False
     epochs: int = 0
+    classes: data.ClassTable = data.S2DS_CLASSES
 
 
 @dataclass
@@ -341,10 +351,12 @@ def _validate(parts, context, progress, epoch, pending):
     the row; True when it is the best so far. Its seconds, with the last save's, are what a validation costs."""
     started = time.perf_counter()
     result = evaluate(parts.model, parts.val_loader, context.device,
-                      EvalSettings(data.NUM_CLASSES, parts.amp, progress=context.is_main), parts.criterion)
+                      EvalSettings(parts.classes.num_classes, parts.amp, progress=context.is_main,
+                                   crack_id=parts.classes.crack_id), parts.criterion)
     stats = {"loss": sum(s["loss"] for s in pending) / len(pending),
              **{key: sum(s[key] for s in pending) for key in ("data_seconds", "compute_seconds")}}
-    row = _epoch_row(epoch, parts.scheduler.last_epoch, stats, result, parts.optimizer.param_groups[0]["lr"])
+    row = _epoch_row(epoch, parts.scheduler.last_epoch, stats, result, parts.optimizer.param_groups[0]["lr"],
+                     parts.classes.names)
     improved = progress.record(row)
     progress.validation_seconds = time.perf_counter() - started + progress.save_seconds
     return improved
@@ -377,7 +389,11 @@ def _set_up(options, context, resumed=None):
     device, recipe, place = context.device, options.recipe, options.place
     train_set = data.training_set(place.train_dir, recipe.crop_size, tuple(recipe.scale_range), recipe.cat_max_ratio)
     val_set = data.S2DSDataset(place.val_dir, data.EvalTransform(recipe.eval_size))
-    model, arch, pruning = _build_model(options.network, resumed)
+    classes = train_set.classes
+    if val_set.classes != classes:
+        raise UserError(f"the training and validation splits have different class tables ({', '.join(classes.names)} "
+                        f"vs {', '.join(val_set.classes.names)}); give both splits the same classes.csv")
+    model, arch, pruning = _build_model(options.network, classes, resumed)
     criterion = make_criterion(recipe.loss, train_set, context.is_main, recipe.skeleton_recall).to(device)
     model.to(device)
     _speed_options(model, place)
@@ -395,7 +411,8 @@ def _set_up(options, context, resumed=None):
     scheduler = poly_scheduler(optimizer, epochs * len(loader))
     amp = native_mixed_precision(device) if recipe.amp == "auto" else bool(recipe.amp)
     dtype, scaler = _mixed_precision(amp, place.amp_dtype, device)
-    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype, amp, epochs)
+    return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype, amp, epochs,
+                 classes)
 
 
 def _speed_options(model, place):
@@ -475,7 +492,7 @@ def _save(parts, options, run_dir, progress, improved, writer):
     resumed), metrics.csv, curves.png and TensorBoard scalars."""
     row = progress.history[-1]
     checkpoint = make_checkpoint(
-        parts.model, parts.arch, pruning=parts.pruning, optimizer=parts.optimizer.state_dict(),
+        parts.model, parts.arch, parts.classes, pruning=parts.pruning, optimizer=parts.optimizer.state_dict(),
         lr_scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
         epoch=row["epoch"], best_metric=progress.best, epochs_without_improvement=progress.stale,
         metrics=progress.history, args={**options.flat(), "epochs": progress.epochs})
@@ -483,7 +500,7 @@ def _save(parts, options, run_dir, progress, improved, writer):
     if improved:  # what deployment needs only: the optimiser state would double or triple the file
         save_atomic(for_deployment(checkpoint), os.path.join(run_dir, "best.pth"))
     write_csv(progress.history, os.path.join(run_dir, "metrics.csv"))
-    plot_curves(progress.history, os.path.join(run_dir, "curves.png"), data.CLASS_NAMES)
+    plot_curves(progress.history, os.path.join(run_dir, "curves.png"), parts.classes.names)
     if writer is not None:
         for key, value in row.items():
             if key != "epoch" and value is not None:
@@ -491,7 +508,7 @@ def _save(parts, options, run_dir, progress, improved, writer):
 
 
 def _print_epoch(row, epochs, improved):
+    crack = f"  crack IoU {100 * row['val_iou_crack']:.2f}%" if "val_iou_crack" in row else ""
     print(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-          f"val mIoU {100 * row['val_miou']:.2f}%  crack IoU {100 * row['val_iou_crack']:.2f}%  data "
-          f"{row['data_seconds']:.1f}s  compute {row['compute_seconds']:.1f}s{'  (best)' if improved else ''}",
-          flush=True)
+          f"val mIoU {100 * row['val_miou']:.2f}%{crack}  data {row['data_seconds']:.1f}s  compute "
+          f"{row['compute_seconds']:.1f}s{'  (best)' if improved else ''}", flush=True)

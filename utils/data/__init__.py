@@ -43,12 +43,99 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-# Each channel snapped at 128 gives a 3-bit code r*4+g*2+b; this table maps the code to a class id.
+CLASSES_FILE = "classes.csv"
+CRACK, BACKGROUND = "crack", "background"
 _SNAP_THRESHOLD = 128
 _UNKNOWN = -1
-_CODE_TO_ID = np.full(8, _UNKNOWN, dtype=np.int16)
-for _id, _name, (_r, _g, _b) in CLASSES:
-    _CODE_TO_ID[(_r >= _SNAP_THRESHOLD) * 4 + (_g >= _SNAP_THRESHOLD) * 2 + (_b >= _SNAP_THRESHOLD)] = _id
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes of a dataset (ids 0..N-1 in order): names and Labels_RGB colours, each channel 0 or 255 so
+    that a colour snapped at 128 per channel (JPEG-damaged labels too) names one class. Metrics for cracks apply
+    to the class named `crack`; a table without one has none. Stored in checkpoints as plain rows."""
+    names: tuple
+    colours: tuple
+
+    def __post_init__(self):
+        if not 2 <= len(self.names) <= 8 or len(self.colours) != len(self.names):
+            raise UserError(f"a class table needs 2 to 8 classes, each with a colour; got {len(self.names)} names "
+                            f"and {len(self.colours)} colours")
+        if len(set(self.names)) != len(self.names) or not all(re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in self.names):
+            raise UserError(f"class names must be distinct lowercase words (letters, digits, _): {list(self.names)}")
+        if any(len(c) != 3 or any(v not in (0, 255) for v in c) for c in self.colours) or \
+                len(set(map(tuple, self.colours))) != len(self.colours):
+            raise UserError(f"class colours must be distinct and use 0 or 255 per channel (labels are decoded by "
+                            f"snapping each channel at 128): {[tuple(c) for c in self.colours]}")
+
+    @property
+    def num_classes(self):
+        return len(self.names)
+
+    @property
+    def palette(self):
+        return np.array(self.colours, dtype=np.uint8)
+
+    @property
+    def crack_id(self):
+        """The id of the class named crack, or None (crack metrics are then left out)."""
+        return self.names.index(CRACK) if CRACK in self.names else None
+
+    @property
+    def background_id(self):
+        return self.names.index(BACKGROUND) if BACKGROUND in self.names else None
+
+    def rows(self):
+        """[[id, name, r, g, b], ...]: classes.csv's rows, and what a checkpoint stores (plain, weights_only)."""
+        return [[index, name, *map(int, colour)] for index, (name, colour) in enumerate(zip(self.names, self.colours))]
+
+    @classmethod
+    def from_rows(cls, rows, source="class table"):
+        """The table of `rows` ([id, name, r, g, b], ids 0..N-1 in order); a bad table is a one-line error."""
+        try:
+            rows = sorted(([int(r[0]), str(r[1]).strip(), tuple(int(v) for v in r[2:5])] for r in rows),
+                          key=lambda row: row[0])
+        except (TypeError, ValueError, IndexError):
+            raise UserError(f"{source}: every row must be id,name,R,G,B with integer id and colour") from None
+        if [row[0] for row in rows] != list(range(len(rows))):
+            raise UserError(f"{source}: class ids must be 0, 1, 2, ... without gaps, got {[row[0] for row in rows]}")
+        try:
+            return cls(tuple(row[1] for row in rows), tuple(row[2] for row in rows))
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from None
+
+    def code_to_id(self):
+        """Snapped 3-bit colour code (r*4 + g*2 + b) -> class id (-1: no class has that colour)."""
+        table = np.full(8, _UNKNOWN, dtype=np.int16)
+        for index, (r, g, b) in enumerate(self.colours):
+            table[(r >= _SNAP_THRESHOLD) * 4 + (g >= _SNAP_THRESHOLD) * 2 + (b >= _SNAP_THRESHOLD)] = index
+        return table
+
+
+S2DS_CLASSES = ClassTable(CLASS_NAMES, tuple(colour for _, _, colour in CLASSES))
+
+
+def read_class_table(split_dir):
+    """The classes of the dataset that holds `split_dir`: classes.csv (columns id,name,R,G,B) in the folder that
+    holds train/val/test (or in the split itself), S2DS's seven classes when there is none."""
+    for folder in (Path(split_dir), Path(split_dir).parent):
+        path = folder / CLASSES_FILE
+        if path.is_file():
+            try:
+                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as error:
+                raise DatasetError(f"cannot read {path}: {error}") from None
+            header = [cell.strip().lower() for cell in lines[0].split(",")] if lines else []
+            if header != ["id", "name", "r", "g", "b"]:
+                raise DatasetError(f"{path} must start with the header id,name,R,G,B")
+            return ClassTable.from_rows([line.split(",") for line in lines[1:]], str(path))
+    return S2DS_CLASSES
+
+
+def write_class_table(classes, split_parent):
+    """classes.csv of `classes` in the folder that holds a dataset's splits."""
+    text = "id,name,R,G,B\n" + "".join(",".join(map(str, row)) + "\n" for row in classes.rows())
+    (Path(split_parent) / CLASSES_FILE).write_text(text, encoding="utf-8")
 
 class DatasetError(UserError):
     """A dataset problem that names the file at fault."""
@@ -82,28 +169,29 @@ def image_size(path, upright=False):
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from None
 
-def decode_rgb_label(rgb, source="label"):
-    """Class ids from an RGB label, each channel snapped at 128; unknown colours are an error."""
+def decode_rgb_label(rgb, source="label", classes=S2DS_CLASSES):
+    """Class ids from an RGB label, each channel snapped at 128 (a 0/255 binary mask reads as background/crack
+    under a table whose crack is white); colours of no class are an error."""
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise DatasetError(f"RGB label {source} is not a colour image")
     bits = (rgb[..., :3] >= _SNAP_THRESHOLD).astype(np.uint8)
-    ids = _CODE_TO_ID[bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]]
+    ids = classes.code_to_id()[bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]]
     unknown = ids == _UNKNOWN
     if unknown.any():
         y, x = np.argwhere(unknown)[0]
         colour = tuple(int(c) for c in rgb[y, x, :3])
         raise DatasetError(f"unknown label colour {colour} at pixel (x={x}, y={y}) in {source} "
                            f"({int(unknown.sum())} such pixels); known colours: "
-                           + ", ".join(f"{n} {c}" for _, n, c in CLASSES))
+                           + ", ".join(f"{n} {tuple(c)}" for n, c in zip(classes.names, classes.colours)))
     return ids.astype(np.uint8)
 
-def encode_rgb_label(ids):
+def encode_rgb_label(ids, classes=S2DS_CLASSES):
     """The Labels_RGB colours of a class-id array (ignore shown as black)."""
-    safe = np.where(ids < NUM_CLASSES, ids, 0)
-    return PALETTE[safe]
+    safe = np.where(ids < classes.num_classes, ids, 0)
+    return classes.palette[safe]
 
-def read_label(path, rgb=None):
-    """Class ids (uint8, 255 = ignore) from a label file, checked.
+def read_label(path, rgb=None, classes=S2DS_CLASSES):
+    """Class ids (uint8, 255 = ignore) of `classes` from a label file, checked.
 
     rgb=None decides by folder: files under Labels_RGB/ are decoded by colour, others read as ids.
     """
@@ -116,15 +204,17 @@ def read_label(path, rgb=None):
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read label {path}: {error}") from None
     if rgb:
-        return decode_rgb_label(array, path)
+        return decode_rgb_label(array, path, classes)
     if array.ndim == 3:
         raise DatasetError(f"grayscale label {path} has colour channels; put it under {RGB_DIR}/ "
                            f"or convert it with: python -m utils.data rgb2gray SPLIT_DIR")
-    bad = (array >= NUM_CLASSES) & (array != IGNORE_INDEX)
+    bad = (array >= classes.num_classes) & (array != IGNORE_INDEX)
     if bad.any():
         values = sorted(int(v) for v in np.unique(array[bad]))[:5]
-        raise DatasetError(f"label {path} has class ids {values} out of range 0-{NUM_CLASSES - 1} "
-                           f"(255 = ignore)")
+        hint = f"; a 0/255 binary mask belongs under {RGB_DIR}/ (white = crack)" if 255 in values or \
+            set(values) == {255} else ""
+        raise DatasetError(f"label {path} has class ids {values} out of range 0-{classes.num_classes - 1} "
+                           f"(255 = ignore){hint}")
     return array.astype(np.uint8)
 
 @dataclass(frozen=True)
@@ -189,12 +279,17 @@ def find_samples(split_dir, require_labels=True, problems=None):
     return samples
 
 
-def boundary_ignore(mask, width):
-    """Set a band of `width` px around areal defects (not cracks) to ignore, as the S2DS authors do."""
+def boundary_ignore(mask, width, classes=S2DS_CLASSES):
+    """Set a band of `width` px around areal defects (classes other than background and crack) to ignore, as the
+    S2DS authors do."""
     if width <= 0:
         return mask
     tensor = torch.as_tensor(mask)
-    areal = ((tensor != BACKGROUND_ID) & (tensor != CRACK_ID) & (tensor != IGNORE_INDEX)).float()[None, None]
+    areal = tensor != IGNORE_INDEX
+    for special in (classes.background_id, classes.crack_id):
+        if special is not None:
+            areal &= tensor != special
+    areal = areal.float()[None, None]
     kernel = 2 * width + 1
     grown = F.max_pool2d(areal, kernel, stride=1, padding=width)
     shrunk = -F.max_pool2d(-areal, kernel, stride=1, padding=width)
@@ -208,6 +303,7 @@ class S2DSDataset(torch.utils.data.Dataset):
 
     def __init__(self, split_dir, transform=None, require_labels=True, boundary_px=0):
         self.root = Path(split_dir)
+        self.classes = read_class_table(split_dir)
         self.samples = find_samples(split_dir, require_labels)
         self.transform = transform
         self.boundary_px = boundary_px
@@ -222,9 +318,9 @@ class S2DSDataset(torch.utils.data.Dataset):
         if sample.label is None:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         else:
-            mask = read_label(sample.label)
+            mask = read_label(sample.label, classes=self.classes)
             if self.boundary_px:
-                mask = boundary_ignore(mask, self.boundary_px)
+                mask = boundary_ignore(mask, self.boundary_px, self.classes)
         return image, mask
 
     def __getitem__(self, index):
@@ -360,14 +456,15 @@ def label_statistics(dataset, progress=True):
     """Per-class pixel and image counts over a split, reading every label (which also checks it)."""
     from tqdm import tqdm
 
-    pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
-    images = np.zeros(NUM_CLASSES, dtype=np.int64)
+    count = dataset.classes.num_classes
+    pixels = np.zeros(count, dtype=np.int64)
+    images = np.zeros(count, dtype=np.int64)
     ignored = 0
     for sample in tqdm(dataset.samples, desc="reading labels", disable=not progress_enabled(progress), leave=False):
-        mask = read_label(sample.label)
+        mask = read_label(sample.label, classes=dataset.classes)
         counts = np.bincount(mask.ravel(), minlength=256)
-        pixels += counts[:NUM_CLASSES]
-        images += counts[:NUM_CLASSES] > 0
+        pixels += counts[:count]
+        images += counts[:count] > 0
         ignored += int(counts[IGNORE_INDEX])
     return pixels, images, ignored
 

@@ -17,31 +17,32 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.cli import ArgumentParser, add_quiet, progress_enabled, run_main, set_quiet
-from utils.data import (CLASSES, GRAY_DIR, IMAGE_DIR, IMAGE_EXTENSIONS, NUM_CLASSES, RGB_DIR, DatasetError,
-                        find_samples, label_stem, list_images, read_image, read_label)
+from utils.data import (GRAY_DIR, IMAGE_DIR, IMAGE_EXTENSIONS, RGB_DIR, DatasetError, find_samples, label_stem,
+                        list_images, read_class_table, read_image, read_label)
 
 
 def _check(split_dir):
     """Print a per-class table of pixels and images, and every problem found; exit 1 on problems."""
     problems = []
+    classes = read_class_table(split_dir)
     samples = find_samples(split_dir, problems=problems)
-    pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
-    images = np.zeros(NUM_CLASSES, dtype=np.int64)
+    pixels = np.zeros(classes.num_classes, dtype=np.int64)
+    images = np.zeros(classes.num_classes, dtype=np.int64)
     for sample in tqdm(samples, desc="checking", leave=False, disable=not progress_enabled()):
         try:
             read_image(sample.image)
-            mask = read_label(sample.label)
+            mask = read_label(sample.label, classes=classes)
         except DatasetError as error:
             problems.append(str(error))
             continue
-        counts = np.bincount(mask.ravel(), minlength=256)[:NUM_CLASSES]
+        counts = np.bincount(mask.ravel(), minlength=256)[:classes.num_classes]
         pixels += counts
         images += counts > 0
     total = max(1, pixels.sum())
     label_dirs = sorted({s.label.parent.name for s in samples})
     print(f"{split_dir}: {len(samples)} paired images, labels from {', '.join(label_dirs) or 'nowhere'}")
     print(f"{'id':>3} {'class':<14} {'pixels':>14} {'share':>9} {'images':>7}")
-    for class_id, name, _ in CLASSES:
+    for class_id, name in enumerate(classes.names):
         print(f"{class_id:>3} {name:<14} {pixels[class_id]:>14,d} {100 * pixels[class_id] / total:>8.3f}% "
               f"{images[class_id]:>7d}")
     if problems:
@@ -87,7 +88,7 @@ def _rgb2gray(split_dir):
         raise DatasetError(f"{gray_dir} already exists and is not empty; move it away first, nothing was written")
     with _staged(gray_dir) as staging:
         for source, target in tqdm(list(zip(sources, targets)), desc="rgb2gray", disable=not progress_enabled()):
-            Image.fromarray(read_label(source)).save(staging / target.name)
+            Image.fromarray(read_label(source, classes=read_class_table(split))).save(staging / target.name)
     print(f"wrote {len(targets)} grayscale labels to {gray_dir}")
     return 0
 
