@@ -16,8 +16,8 @@ is (or is inside) a folder --image reads is refused: the next run would read its
 """
 import argparse
 
-from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main, str2bool
-from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, run
+from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_main, script_main, str2bool
+from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, MODES, InferenceOptions, run
 from utils.options import add_system_options, add_tiling_options, add_trained_network_options
 
 
@@ -54,7 +54,13 @@ def get_args_parser():
     return parser
 
 
-main = script_main(get_args_parser, run)
+def run_command(args):
+    """The parsed command line as utils.inference.InferenceOptions (checked when made: one-line errors), then
+    the run."""
+    return run(options_from(InferenceOptions, vars(args)))
+
+
+main = script_main(get_args_parser, run_command)
 
 
 if __name__ == "__main__":

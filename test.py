@@ -12,10 +12,8 @@ row to OUTPUT_DIR/model_test_results.xlsx so variants (e.g. pruned ones) sit sid
 """
 import argparse
 
-from utils.checkpoint import check_model_options
-from utils.cli import (ArgumentParser, UserError, add_bool, add_quiet, cap_workers, check_batch_memory, run_main,
-                       script_main)
-from utils.evaluation import run
+from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_main, script_main
+from utils.evaluation import TestOptions, run
 from utils.options import add_output_options, add_system_options, add_tiling_options, add_trained_network_options
 
 
@@ -53,30 +51,12 @@ def get_args_parser():
     return parser
 
 
-def check_args(args):
-    """Value checks argparse cannot do; each failure is one line and exit status 2."""
-    check_model_options(args.weights, args.pruned_model, args.use_pruned)
-    if str(args.weights).lower().endswith(".onnx") and (args.pruned_model or args.amp):
-        raise UserError(f"--weights {args.weights} is an ONNX graph: it is scored as exported, without "
-                        f"{'--pruned_model' if args.pruned_model else '--amp'} (its precision was fixed by export.py)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    for option in ("eval_size", "tile"):
-        value = getattr(args, option)
-        if value is not None and value < 8:
-            raise UserError(f"--{option} must be at least 8 px, got {value}")
-    if args.stride is not None and (args.tile is None or not 0 < args.stride <= args.tile):
-        raise UserError("--stride needs --tile and must be between 1 and --tile")
-    if args.tile_batch < 1:
-        raise UserError(f"--tile_batch must be at least 1, got {args.tile_batch}")
-    for option in ("workers", "boundary_ignore", "lt_tolerance"):
-        if getattr(args, option) < 0:
-            raise UserError(f"--{option} cannot be negative, got {getattr(args, option)}")
-    args.workers = cap_workers(args.workers)
-    check_batch_memory(args.tile_batch, args.tile, "--tile_batch x --tile")
+def run_command(args):
+    """The parsed command line as utils.evaluation.TestOptions (checked when made: one-line errors), then the run."""
+    return run(options_from(TestOptions, vars(args)))
 
 
-main = script_main(get_args_parser, run, check_args)
+main = script_main(get_args_parser, run_command)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import ArgumentParser, add_bool, device_name, require_path, resolve_device, run_main  # noqa: E402
+from utils.cli import (ArgumentParser, add_bool, device_name, options_from, require_path, resolve_device,  # noqa: E402
+                       run_main)
 from utils.data import read_image  # noqa: E402
-from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, load_network, predict  # noqa: E402
+from utils.inference import DEFAULT_MAX_SIZE, DEFAULT_TILE, NetworkOptions, load_network, predict  # noqa: E402
 from utils.model import Tiling, add_output_stride_option, default_stride, tile_cost  # noqa: E402
 from utils.timing import synchronize  # noqa: E402
 
@@ -57,7 +58,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     require_path(args.image, "image")
     device = resolve_device(args.device)
-    model, metadata, dtype = load_network(args, device)
+    model, metadata, dtype = load_network(options_from(NetworkOptions, vars(args)), device)
     num_classes = metadata["num_classes"]
     image = read_image(Path(args.image), upright=True)
     height, width = image.shape[:2]

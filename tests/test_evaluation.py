@@ -1,8 +1,10 @@
 """test.py end to end: checkpoint kinds, the workbook against metrics recomputed with numpy, bad inputs."""
+import dataclasses
 import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
+import typing
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,10 @@ from utils import model as models
 from utils.checkpoint import make_checkpoint, save_atomic
 from utils.cli import UserError, default_name, run_main
 from utils.data import CLASS_NAMES, NUM_CLASSES
+from utils import evaluation
+from utils.cli import options_from
 from utils.evaluation import LATENCY_LABEL
+from utils.inference import InferenceOptions, NetworkOptions
 
 # Loaded by path: "test" is also the name of Python's own regression-test package.
 _spec = importlib.util.spec_from_file_location("cracksense_test_script", REPO / "test.py")
@@ -273,6 +278,60 @@ def test_the_seed_command_parses_as_written():
     args = test_script.get_args_parser().parse_args("TEST_DIR --weights W.pth --pruned_model P.pth --use_pruned".split())
     assert (args.test_dir, args.weights, args.pruned_model, args.use_pruned) == ("TEST_DIR", "W.pth", "P.pth", True)
     assert (args.batch_size, args.lt_tolerance, args.boundary_ignore, args.output_dir) == (1, 4, 0, "results")
+
+
+# --- typed options: every field is an option of its script, checked when made -------------------------------
+
+def load_script(path):
+    spec = importlib.util.spec_from_file_location(f"cracksense_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def option_fields(spec):
+    """(leaf field names, names of the nested option dataclasses) of an options dataclass, recursively."""
+    hints, leaves, nested = typing.get_type_hints(spec), set(), set()
+    for field in dataclasses.fields(spec):
+        if dataclasses.is_dataclass(hints[field.name]):
+            inner_leaves, inner_nested = option_fields(hints[field.name])
+            leaves |= inner_leaves
+            nested |= inner_nested | {field.name}
+        else:
+            leaves.add(field.name)
+    return leaves, nested
+
+
+# cli.options_from keeps a field's default when no option has its name: a misspelt field would run on silently.
+SPECS_AND_SCRIPTS = [(evaluation.TestOptions, "test.py"), (InferenceOptions, "inference.py"),
+                     (NetworkOptions, "scripts/benchmark_tiling.py")]
+
+
+@pytest.mark.parametrize("spec, script", SPECS_AND_SCRIPTS, ids=[script for _, script in SPECS_AND_SCRIPTS])
+def test_every_options_field_is_an_option_of_its_script(spec, script):
+    dests = {action.dest for action in load_script(REPO / script).get_args_parser()._actions}
+    leaves, nested = option_fields(spec)
+    assert leaves - dests == set(), f"fields of {spec.__name__} that {script} has no option for"
+    assert nested & dests == set(), f"nested specs of {spec.__name__} named like an option of {script}"
+    if script != "scripts/benchmark_tiling.py":  # the runs' specs also take every option their script offers
+        assert dests - leaves <= {"help", "quiet"}, f"options of {script} that {spec.__name__} drops"
+
+
+def test_options_are_checked_and_settled_when_made(monkeypatch, capsys):
+    monkeypatch.setattr("utils.cli.usable_cpus", lambda: 2)
+    parse = test_script.get_args_parser().parse_args
+    options = options_from(evaluation.TestOptions, vars(parse("TEST_DIR --pruned_model runs/demo/best.pth "
+                                                              "--workers 9 --tile 64 --stride 48".split())))
+    assert (options.name, options.workers, options.tiling.window_stride) == ("demo_best", 2, 48)
+    assert "--workers 9 is more than the 2 CPU(s)" in capsys.readouterr().out
+    assert options.eval_settings().tiling == options.tiling
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.name = "other"
+    for argv, fragment in [("--stride 48", "--stride"), ("--batch_size 0", "--batch_size"),
+                           ("--lt_tolerance -1", "--lt_tolerance"), ("--name ../up", "--name"),
+                           ("--amp", "ONNX graph")]:
+        with pytest.raises(UserError, match=fragment):
+            options_from(evaluation.TestOptions, vars(parse(f"TEST_DIR --weights W.onnx {argv}".split())))
 
 
 # --- bad inputs: one line, exit status 2 -----------------------------------------------------------------

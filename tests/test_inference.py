@@ -10,8 +10,8 @@ import inference
 from conftest import REPO, assert_user_error, run_script
 from utils import data, model as models
 from utils.checkpoint import load_model, make_checkpoint, save_atomic
-from utils.cli import UserError, run_main
-from utils.inference import predict
+from utils.cli import UserError, options_from, run_main
+from utils.inference import InferenceOptions, predict
 from utils.model import Tiling, forward_logits, sliding_window_logits
 from utils.visualize import blend, side_by_side_size
 
@@ -182,6 +182,27 @@ def test_photos_above_max_size_are_tiled_at_full_size(tmp_path, lively_mobilenet
                            "save_mask", "--max_size", "64", "--tile", "48", "--stride", "32")
     assert "big.png: 100x60 px, tiled 48 px" in capsys.readouterr().out
     assert Image.open(folder / "big_lively_mobilenet_mask.png").size == (100, 60)
+
+
+def test_stride_alone_applies_to_the_tiles_of_photos_above_max_size(tmp_path, lively_mobilenet_checkpoint, capsys):
+    """--stride without --tile steps the DEFAULT_TILE windows of a photo tiled for its size (1100 px across:
+    3 windows at the default stride, 7 at 100 px)."""
+    photo = write_photo(tmp_path / "long.png", 1100, 40)
+    run_inference(tmp_path, "--state_dict", lively_mobilenet_checkpoint, "--image", photo, "--mode", "save_mask",
+                  "--max_size", "64", "--stride", "100")
+    assert "long.png: 1100x40 px, tiled 512 px, 7 windows" in capsys.readouterr().out
+
+
+def test_inference_options_are_settled_when_made():
+    parse = inference.get_args_parser().parse_args
+    options = options_from(InferenceOptions, vars(parse("--state_dict runs/demo/best.pth --image a.png "
+                                                        "--mode Side-By-Side save_mask overlay overlay".split())))
+    assert options.mode == ("side_by_side", "save_mask", "overlay") and options.name == "demo_best"
+    assert options.network.state_dict == "runs/demo/best.pth" and options.tiling() == Tiling(512, None, 1)
+    with pytest.raises(UserError, match="--stride must be between 1 and the tile side"):
+        options_from(InferenceOptions, vars(parse("--state_dict W.pth --image a.png --stride 600".split())))
+    with pytest.raises(UserError, match="--use_pruned"):
+        options_from(InferenceOptions, vars(parse("--state_dict W.pth --pruned_model P.pth --image a.png".split())))
 
 
 def test_figures_without_display_or_save_figure_say_to_use_save_figure(tmp_path, monkeypatch,

@@ -19,12 +19,13 @@ from PIL import Image
 
 from utils import data
 from utils.checkpoint import load_for_inference
-from utils.cli import UserError, default_name, device_name, plain_name, require_path, resolve_device
+from utils.checkpoint import check_model_options
+from utils.cli import (UserError, cap_workers, check_batch_memory, default_name, device_name, plain_name, require_path,
+                       resolve_device)
 from utils.distributed import DistContext
 from utils.engine import EvalSettings, evaluate
 from utils.files import refuse_existing, release, reserve
-from utils.model import (Tiling, build, count_macs, count_parameters, default_stride, fold_batchnorm, strip_aux_head,
-                         tile_windows)
+from utils.model import (Tiling, build, count_macs, count_parameters, fold_batchnorm, strip_aux_head, tile_windows)
 from utils.onnx_model import OnnxNetwork, is_onnx_path
 from utils.recipe import eval_loader
 from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
@@ -35,6 +36,55 @@ COMPARISON_WORKBOOK = "model_test_results.xlsx"
 PRUNING_FACTS = {"pruning_ratio": "pruning ratio (%)", "importance": "pruning importance", "p_value": "pruning p-norm",
                  "iterative_steps": "pruning steps", "finetune_epochs": "fine-tuning epochs between steps",
                  "global_pruning": "global pruning", "round_to": "channels rounded to"}
+
+
+@dataclass(frozen=True)
+class TestOptions:
+    """What test.py's run is made of, built from its command line by cli.options_from and checked when made
+    (one-line UserErrors; utils.model.Tiling checks the sliding window). Normalised here and nowhere later:
+    `name` defaults to the weights file's (cli.default_name) and `workers` is capped at the usable CPUs."""
+    __test__ = False  # a pytest that imports it must not take it for a test class
+
+    test_dir: str
+    weights: str | None
+    pruned_model: str | None
+    use_pruned: bool
+    allow_pickle: bool
+    output_stride: int | None
+    eval_size: int | None
+    tiling: Tiling
+    boundary_ignore: int
+    lt_tolerance: int
+    batch_size: int
+    amp: bool
+    workers: int
+    name: str | None
+    save_predictions: bool
+    output_dir: str
+    overwrite: bool
+    device: str
+
+    def __post_init__(self):
+        check_model_options(self.weights, self.pruned_model, self.use_pruned)
+        if str(self.weights).lower().endswith(".onnx") and (self.pruned_model or self.amp):
+            raise UserError(f"--weights {self.weights} is an ONNX graph: it is scored as exported, without "
+                            f"{'--pruned_model' if self.pruned_model else '--amp'} (its precision was fixed by "
+                            f"export.py)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.eval_size is not None and self.eval_size < 8:
+            raise UserError(f"--eval_size must be at least 8 px, got {self.eval_size}")
+        for option in ("workers", "boundary_ignore", "lt_tolerance"):
+            if getattr(self, option) < 0:
+                raise UserError(f"--{option} cannot be negative, got {getattr(self, option)}")
+        check_batch_memory(self.tiling.tile_batch, self.tiling.tile, "--tile_batch x --tile")
+        object.__setattr__(self, "workers", cap_workers(self.workers))
+        object.__setattr__(self, "name", plain_name(self.name or default_name(self.weights or self.pruned_model),
+                                                    "--name"))
+
+    def eval_settings(self):
+        """The one evaluation loop's settings (utils.engine.evaluate) for this run."""
+        return EvalSettings(data.NUM_CLASSES, self.amp, self.tiling, tolerance_px=self.lt_tolerance)
 
 
 @dataclass
@@ -77,26 +127,26 @@ def _versions(device):
     return versions
 
 
-def window_layout(args, image_size):
+def window_layout(tiling, image_size):
     """(forwards per image, their (height, width)): the whole image, or the windows of a tiled run."""
-    if not args.tile:
+    if not tiling.tile:
         return 1, tuple(image_size)
-    (tops, side_h), (lefts, side_w) = (tile_windows(length, args.tile, args.stride or default_stride(args.tile))
+    (tops, side_h), (lefts, side_w) = (tile_windows(length, tiling.tile, tiling.window_stride)
                                        for length in image_size)
     return len(tops) * len(lefts), (side_h, side_w)
 
 
-def macs_per_image(model, args, image_size, device):
+def macs_per_image(model, tiling, image_size, device):
     """MACs the network spends on one image (of image_size): for a tiled run the sum over all its windows, so
     the figure stands beside the per-image latency."""
-    windows, size = window_layout(args, image_size)
+    windows, size = window_layout(tiling, image_size)
     return windows * network_macs(model, size, device)
 
 
-def latency_per_image(model, args, image_size, device):
+def latency_per_image(model, tiling, image_size, device):
     """Seconds per image as utils.timing measures every latency (deployed network, batch 1, warm-up, median of
     interleaved rounds), times the windows of a tiled run: the same figure benchmark.py and study.py give."""
-    windows, size = window_layout(args, image_size)
+    windows, size = window_layout(tiling, image_size)
     return windows * deployed_latencies([model], size, device)[0]
 
 
@@ -105,26 +155,28 @@ def network_macs(model, size, device):
     return model.macs(size) if isinstance(model, OnnxNetwork) else count_macs(model, size, device=device)[0]
 
 
-def load_network(args, device):
-    """(network, metadata): a PyTorch checkpoint by load_for_inference's rule, or an ONNX graph (--weights
-    X.onnx) run by onnxruntime behind the same module interface, so the one evaluation loop scores both."""
-    if not is_onnx_path(args.weights):
-        return load_for_inference(args.weights, args.pruned_model, args.use_pruned, device, args.allow_pickle,
-                                  stride=args.output_stride)
-    if args.output_stride is not None:
-        raise UserError(f"--output_stride cannot change {args.weights}: an ONNX graph has its stride built in; "
+def load_network(options, device):
+    """(network, metadata) of TestOptions `options`: a PyTorch checkpoint by load_for_inference's rule, or an ONNX
+    graph (--weights X.onnx) run by onnxruntime behind the same module interface, so the one evaluation loop scores
+    both."""
+    if not is_onnx_path(options.weights):
+        return load_for_inference(options.weights, options.pruned_model, options.use_pruned, device,
+                                  options.allow_pickle, stride=options.output_stride)
+    if options.output_stride is not None:
+        raise UserError(f"--output_stride cannot change {options.weights}: an ONNX graph has its stride built in; "
                         f"export the checkpoint again with export.py --output_stride")
-    network = OnnxNetwork(args.weights, device)
-    return network, {"path": args.weights, "format": f"onnx graph ({network.facts['precision']}, onnxruntime)",
+    network = OnnxNetwork(options.weights, device)
+    return network, {"path": options.weights, "format": f"onnx graph ({network.facts['precision']}, onnxruntime)",
                      "arch": network.facts["arch"], "num_outputs": network.facts["num_classes"]}
 
 
 def model_facts(model, metadata, input_size, device):
-    """Parameters and MACs of the network as evaluated, and how it compares with its dense original."""
+    """Parameters and MACs (at input_size, which the facts keep) of the network as evaluated, and how it compares
+    with its dense original."""
     if isinstance(model, OnnxNetwork):
-        return {"params": model.facts["params"], "macs": model.macs(input_size)}
+        return {"params": model.facts["params"], "macs": model.macs(input_size), "input_size": input_size}
     macs, _ = count_macs(model, input_size, device=device)
-    facts = {"params": count_parameters(model), "macs": macs}
+    facts = {"params": count_parameters(model), "macs": macs, "input_size": input_size}
     if metadata.get("pruning") or metadata.get("format") == "pickled_model":
         dense = strip_aux_head(build(metadata["arch"], metadata["num_outputs"], init="none")).to(device)
         dense_macs, _ = count_macs(dense, input_size, device=device)
@@ -206,9 +258,11 @@ def _size_text(size):
     return f"{size[1]}x{size[0]}"
 
 
-def summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows, timing, scores):
-    """The summary sheet as (item, value, is_percent) rows, in reading order."""
-    rows = [("name", args.name, False), ("date", datetime.datetime.now().isoformat(timespec="seconds"), False)]
+def summary_rows(options, metadata, facts, dataset, device, measured, scores):
+    """The summary sheet as (item, value, is_percent) rows, in reading order; `measured`: the metric and timing
+    rows (collect_metrics, timing_rows)."""
+    tiling = options.tiling
+    rows = [("name", options.name, False), ("date", datetime.datetime.now().isoformat(timespec="seconds"), False)]
     if metadata.get("weights_path"):
         rows += [("weights", _absolute(metadata["weights_path"]), False),
                  ("pruned architecture from", _absolute(metadata["path"]), False)]
@@ -217,7 +271,8 @@ def summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows
     rows += [("checkpoint format", metadata.get("format"), False), ("arch", metadata["arch"], False),
              ("classes", ", ".join(data.CLASS_NAMES), False), ("model outputs", metadata["num_outputs"], False),
              ("params (aux head dropped)", facts["params"], False),
-             (f"MACs per {'tile' if args.tile else 'image'} at {_size_text(input_size)}", facts["macs"], False),
+             (f"MACs per {'tile' if tiling.tile else 'image'} at {_size_text(facts['input_size'])}", facts["macs"],
+              False),
              (f"MACs per image at {_size_text(facts['image_size'])} (all tiles)", facts["macs_per_image"], False)]
     if "pruning_entries" in facts:
         rows.append(("pruning history entries (channel groups removed)", facts["pruning_entries"], False))
@@ -227,12 +282,12 @@ def summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows
         rows += [(label, facts[key], False) for key, label in PRUNING_FACTS.items() if key in facts]
     rows += [("dataset", str(dataset.root.resolve()), False), ("images", len(dataset), False),
              ("labelled pixels", scores["labelled_pixels"], False),
-             ("evaluation size", f"shorter side {args.eval_size} px" if args.eval_size else "native", False),
-             ("sliding window", f"tile {args.tile}, stride {args.stride or default_stride(args.tile)}" if args.tile else "no",
-              False),
-             ("boundary ignore (px)", args.boundary_ignore, False), ("ltIoU tolerance (px)", args.lt_tolerance, False),
-             ("mixed precision", bool(args.amp), False), ("batch size", args.batch_size, False)]
-    rows += metric_rows + timing
+             ("evaluation size", f"shorter side {options.eval_size} px" if options.eval_size else "native", False),
+             ("sliding window", f"tile {tiling.tile}, stride {tiling.window_stride}" if tiling.tile else "no", False),
+             ("boundary ignore (px)", options.boundary_ignore, False),
+             ("ltIoU tolerance (px)", options.lt_tolerance, False),
+             ("mixed precision", bool(options.amp), False), ("batch size", options.batch_size, False)]
+    rows += measured
     rows += [("device", str(device), False), ("device name", device_name(device), False)]
     rows += [(f"version: {key}", value, False) for key, value in _versions(device).items()]
     return rows
@@ -278,21 +333,23 @@ def write_reports(outputs, name, summary, per_class, per_image, counts, normalis
     plot_confusion(normalised.to_numpy(), data.CLASS_NAMES, outputs.confusion_png, title=f"{name}: confusion matrix")
 
 
-def comparison_row(args, metadata, facts, device, result, scores, lt):
+def comparison_row(options, metadata, facts, device, result, scores, lt):
     """One line of results/model_test_results.xlsx, so pruned variants sit side by side."""
-    row = {"name": args.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    tiling = options.tiling
+    row = {"name": options.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "checkpoint": _absolute(metadata.get("weights_path", metadata["path"])),
            "pruned architecture from": _absolute(metadata["path"]) if metadata.get("weights_path") else None,
-           "arch": metadata["arch"], "dataset": str(Path(args.test_dir).resolve()),
+           "arch": metadata["arch"], "dataset": str(Path(options.test_dir).resolve()),
            "images": result.images, "params": facts["params"],
            "MACs per image (all tiles)": facts["macs_per_image"], "image size": _size_text(facts["image_size"]),
-           "eval size (shorter side, px)": args.eval_size or "native", "boundary ignore (px)": args.boundary_ignore,
-           "tile (px)": args.tile, "stride (px)": (args.stride or default_stride(args.tile)) if args.tile else None,
+           "eval size (shorter side, px)": options.eval_size or "native",
+           "boundary ignore (px)": options.boundary_ignore,
+           "tile (px)": tiling.tile, "stride (px)": tiling.window_stride if tiling.tile else None,
            "pruning ratio (%)": facts.get("pruning_ratio"), "pruning importance": facts.get("importance"),
            "mIoU": scores["mean_iou"],
            "mIoU without background": scores["mean_iou_no_background"],
            "crack IoU": scores["iou"][data.CRACK_ID], "crack F1": scores["f1"][data.CRACK_ID],
-           "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": args.lt_tolerance,
+           "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": options.lt_tolerance,
            "pixel accuracy": scores["pixel_accuracy"]}
     row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(data.CLASS_NAMES)})
     row.update({"latency per image (ms)": 1000 * facts["latency_seconds"], "images/s": 1 / facts["latency_seconds"],
@@ -354,39 +411,39 @@ def format_summary(summary, per_class):
     return "\n".join(lines)
 
 
-def run(args):
-    """test.py: evaluate one checkpoint on one labelled split and write its reports."""
-    device = resolve_device(args.device)
-    args.name = args.name or default_name(args.weights or args.pruned_model)
-    outputs = output_paths(args.output_dir, args.name)
-    refuse_taken(outputs, args.overwrite, args.save_predictions)
+def run(options):
+    """test.py: evaluate one checkpoint on one labelled split (TestOptions `options`) and write its reports."""
+    device = resolve_device(options.device)
+    outputs = output_paths(options.output_dir, options.name)
+    refuse_taken(outputs, options.overwrite, options.save_predictions)
     check_results_workbook(outputs.comparison)
-    require_path(args.test_dir, "test folder", "dir")
-    dataset = data.S2DSDataset(args.test_dir, data.EvalTransform(args.eval_size), require_labels=True,
-                               boundary_px=args.boundary_ignore)
-    model, metadata = load_network(args, device)
+    require_path(options.test_dir, "test folder", "dir")
+    dataset = data.S2DSDataset(options.test_dir, data.EvalTransform(options.eval_size), require_labels=True,
+                               boundary_px=options.boundary_ignore)
+    model, metadata = load_network(options, device)
     model = strip_aux_head(model)
-    input_size = (args.tile, args.tile) if args.tile else tuple(dataset[0][0].shape[-2:])
+    tiling = options.tiling
+    input_size = (tiling.tile, tiling.tile) if tiling.tile else tuple(dataset[0][0].shape[-2:])
     facts = model_facts(model, metadata, input_size, device)
     facts["image_size"] = tuple(dataset[0][0].shape[-2:])
-    facts["macs_per_image"] = macs_per_image(model, args, facts["image_size"], device)
+    facts["macs_per_image"] = macs_per_image(model, tiling, facts["image_size"], device)
     fold_batchnorm(model.eval())  # after counting: the facts are the checkpoint's network, the speed the folded one's
-    writer = PredictionWriter(dataset, outputs.predictions) if args.save_predictions else None
+    writer = PredictionWriter(dataset, outputs.predictions) if options.save_predictions else None
     print(f"evaluating {metadata['arch']} from {metadata['path']} on {dataset.root} ({len(dataset)} images, "
           f"{device_name(device)})", flush=True)
-    if not args.overwrite:  # claimed atomically: of two runs with the same --name, the second is refused
+    if not options.overwrite:  # claimed atomically: of two runs with the same --name, the second is refused
         reserve(outputs.workbook, "another test.py run has this --name; choose another --name")
     try:
-        settings = EvalSettings(data.NUM_CLASSES, args.amp, Tiling(args.tile, args.stride, args.tile_batch),
-                                tolerance_px=args.lt_tolerance)
-        result = evaluate_split(model, dataset, device, settings, args.batch_size, args.workers, writer)
-        metric_rows, scores, lt = collect_metrics(result, args.lt_tolerance)
-        facts["latency_seconds"] = latency_per_image(model, args, facts["image_size"], device)
-        summary = summary_rows(args, metadata, facts, dataset, input_size, device, metric_rows,
-                               timing_rows(result, facts["latency_seconds"]), scores)
+        result = evaluate_split(model, dataset, device, options.eval_settings(), options.batch_size,
+                                options.workers, writer)
+        metric_rows, scores, lt = collect_metrics(result, options.lt_tolerance)
+        facts["latency_seconds"] = latency_per_image(model, tiling, facts["image_size"], device)
+        summary = summary_rows(options, metadata, facts, dataset, device,
+                               metric_rows + timing_rows(result, facts["latency_seconds"]), scores)
         per_class = per_class_frame(scores)
         counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy())
-        write_reports(outputs, args.name, summary, per_class, per_image_frame(result, dataset), counts, normalised)
+        write_reports(outputs, options.name, summary, per_class, per_image_frame(result, dataset), counts,
+                      normalised)
         if writer is not None:
             writer.finish()
     except BaseException:
@@ -395,7 +452,7 @@ def run(args):
         release(outputs.workbook)  # and no empty workbook that would block the same command
         raise
     try:
-        runs = append_results_row(outputs.comparison, comparison_row(args, metadata, facts, device, result,
+        runs = append_results_row(outputs.comparison, comparison_row(options, metadata, facts, device, result,
                                                                      scores, lt), COMPARISON_PERCENT)
     except UserError as error:
         raise UserError(f"{error} ({outputs.workbook} was written; rerun with --overwrite to add its row)") from None

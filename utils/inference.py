@@ -6,7 +6,7 @@ sliding_window_logits, whose accumulator lives on the CPU so a 6000x4000 px phot
 """
 import glob
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,71 @@ def parse_modes(values):
     return modes
 
 
+@dataclass(frozen=True)
+class NetworkOptions:
+    """The network inference.py runs, as deployed: its files by utils.checkpoint's rule (checked when made), the
+    output stride override, float16 (`half`, CUDA only) and channels-last weights."""
+    state_dict: str | None
+    pruned_model: str | None
+    use_pruned: bool
+    allow_pickle: bool
+    output_stride: int | None
+    half: bool
+    channels_last: bool
+
+    def __post_init__(self):
+        check_model_options(self.state_dict, self.pruned_model, self.use_pruned, "--state_dict")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What inference.py's run is made of, built from its command line by cli.options_from and checked when made
+    (one-line UserErrors). Normalised here and nowhere later: `mode` by parse_modes, `name` defaults to one from
+    the weights file (cli.default_name: 'demo_best' from runs/demo/best.pth), so two models' outputs for one
+    photo never share a file name. `tile` None tiles only photos longer than `max_size`, at DEFAULT_TILE with
+    `stride`, so the tiling is not a utils.model.Tiling until a photo is tiled (`tiling()`)."""
+    network: NetworkOptions
+    image: str
+    max_size: int
+    tile: int | None
+    stride: int | None
+    tile_batch: int
+    mode: tuple
+    save_figure: bool
+    show: bool | None
+    alpha: float
+    name: str | None
+    output_dir: str
+    device: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", tuple(parse_modes(self.mode)))
+        check_batch_memory(self.tile_batch, self.tile, "--tile_batch x --tile")
+        if self.stride is not None and not 0 < self.stride <= (self.tile or DEFAULT_TILE):
+            raise UserError(f"--stride must be between 1 and the tile side ({self.tile or DEFAULT_TILE} px)")
+        if self.max_size != 0 and self.max_size < 32:
+            raise UserError(f"--max_size must be 0 (never tile on its own) or at least 32 px, got {self.max_size}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must be between 0 and 1, got {self.alpha}")
+        self.tiling()  # --tile and --tile_batch by Tiling's own rules, before any work
+        network = self.network
+        object.__setattr__(self, "name", plain_name(self.name or default_name(network.state_dict
+                                                                             or network.pruned_model), "--name"))
+
+    def tiling(self):
+        """The windows of a tiled photo: --tile, or DEFAULT_TILE for a photo tiled for its size."""
+        return Tiling(self.tile or DEFAULT_TILE, self.stride, self.tile_batch)
+
+
+@dataclass(frozen=True)
+class FigureStyle:
+    """What every figure of one run shares: the overlay's opacity, the model's label in captions, and whether
+    figures are also shown in a window."""
+    alpha: float
+    label: str
+    show: bool
+
+
 def find_images(spec):
     """The photos named by --image: one file, every image in a folder (not recursive), or a glob pattern."""
     path = Path(spec)
@@ -62,12 +127,6 @@ def find_images(spec):
                             f"point --image at a file, a folder of photos or a pattern like 'photos/*.jpg'")
         return images
     return [path]
-
-
-def model_name(args):
-    """--name, or a name from the weights file (cli.default_name: 'demo_best' from runs/demo/best.pth), so
-    two models' outputs for one photo never share a file name."""
-    return plain_name(args.name or default_name(args.state_dict or args.pruned_model), "--name")
 
 
 def output_paths(output_dir, image_path, modes, name):
@@ -176,46 +235,31 @@ def save_png(array, path):
     replace_atomically(str(path), lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
 
 
-def check_args(args):
-    """Value checks argparse cannot do; each failure is one line and exit status 2."""
-    args.mode = parse_modes(args.mode)
-    check_model_options(args.state_dict, args.pruned_model, args.use_pruned, "--state_dict")
-    check_batch_memory(args.tile_batch, args.tile, "--tile_batch x --tile")
-    if args.tile is not None and args.tile < 32:
-        raise UserError(f"--tile must be at least 32 px, got {args.tile}")
-    if args.stride is not None and not 0 < args.stride <= (args.tile or DEFAULT_TILE):
-        raise UserError(f"--stride must be between 1 and the tile side ({args.tile or DEFAULT_TILE} px)")
-    if args.max_size != 0 and args.max_size < 32:
-        raise UserError(f"--max_size must be 0 (never tile on its own) or at least 32 px, got {args.max_size}")
-    if args.tile_batch < 1:
-        raise UserError(f"--tile_batch must be at least 1, got {args.tile_batch}")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UserError(f"--alpha must be between 0 and 1, got {args.alpha}")
-
-
-def display_plan(args):
-    """Whether figures are shown in a window; refuses a run whose figures would go nowhere."""
-    figures = any(mode in FIGURE_MODES for mode in args.mode)
-    show = (not args.save_figure) if args.show is None else args.show
+def display_plan(options):
+    """Whether the figures of InferenceOptions `options` are shown in a window; refuses a run whose figures would
+    go nowhere."""
+    figures = any(mode in FIGURE_MODES for mode in options.mode)
+    show = (not options.save_figure) if options.show is None else options.show
     if not figures or not show:
         return False
     if not has_display():
         raise UserError("no display to show the figures on (over SSH?): add --save_figure to write them to "
-                        f"{Path(args.output_dir) / OUTPUT_FOLDER}/")
+                        f"{Path(options.output_dir) / OUTPUT_FOLDER}/")
     use_window_backend()
     return True
 
 
-def load_network(args, device):
-    """The network as deployed (eval mode, aux head dropped, BatchNorm folded, channels-last weights with
-    --channels_last: activations follow the weights' layout), its metadata and its compute dtype."""
-    if args.half and device.type != "cuda":
+def load_network(network, device):
+    """The network of NetworkOptions `network` as deployed (eval mode, aux head dropped, BatchNorm folded,
+    channels-last weights with --channels_last: activations follow the weights' layout), its metadata and its
+    compute dtype."""
+    if network.half and device.type != "cuda":
         raise UserError("--half runs float16 on a CUDA GPU only; on the CPU drop --half (float32 is used)")
-    model, metadata = load_for_inference(args.state_dict, args.pruned_model, args.use_pruned, device,
-                                         args.allow_pickle, "--state_dict", args.output_stride)
+    model, metadata = load_for_inference(network.state_dict, network.pruned_model, network.use_pruned, device,
+                                         network.allow_pickle, "--state_dict", network.output_stride)
     fold_batchnorm(strip_aux_head(model).eval())
-    dtype = torch.float16 if args.half else torch.float32
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    dtype = torch.float16 if network.half else torch.float32
+    memory_format = torch.channels_last if network.channels_last else torch.contiguous_format
     return model.to(dtype, memory_format=memory_format), metadata, dtype
 
 
@@ -240,8 +284,9 @@ def describe_model(name, metadata, device, dtype):
             f"({str(dtype).replace('torch.', '')})")
 
 
-def write_outputs(image_path, image, ids, plan, alpha, title, label, show):
-    """Save (and/or show) one photo's outputs, captioned with the model's label; returns the paths written."""
+def write_outputs(image_path, image, ids, plan, title, style):
+    """Save (and/or show, as FigureStyle `style` says) one photo's outputs, captioned with the model's label;
+    returns the paths written."""
     written = []
     for mode, paths in plan.items():
         if mode == "save_mask":
@@ -250,33 +295,33 @@ def write_outputs(image_path, image, ids, plan, alpha, title, label, show):
             written += paths
             continue
         if mode == "overlay":
-            figure = overlay_figure(image, ids, alpha, title=label)
+            figure = overlay_figure(image, ids, style.alpha, title=style.label)
         else:
-            figure = side_by_side_figure(image, ids, title, prediction_title=f"prediction: {label}")
+            figure = side_by_side_figure(image, ids, title, prediction_title=f"prediction: {style.label}")
         if paths:
             save_figure(figure, paths[0])
             written += paths
-        if show:
-            figure.canvas.manager.set_window_title(f"{image_path.name} ({mode}, {label})")
+        if style.show:
+            figure.canvas.manager.set_window_title(f"{image_path.name} ({mode}, {style.label})")
             plt.show()
         plt.close(figure)
     return written
 
 
-def run(args):
-    """The whole inference run; prints the model, then one line per photo with its time and classes."""
-    check_args(args)
-    name = model_name(args)
-    images = find_images(args.image)
-    plans = plan_outputs(images, args.output_dir, args.mode, args.save_figure, name)
-    refuse_output_inside_input(scanned_folders(args.image, images), Path(args.output_dir) / OUTPUT_FOLDER)
+def run(options):
+    """The whole inference run of InferenceOptions `options`; prints the model, then one line per photo with its
+    time and classes."""
+    images = find_images(options.image)
+    plans = plan_outputs(images, options.output_dir, options.mode, options.save_figure, options.name)
+    folder = Path(options.output_dir) / OUTPUT_FOLDER
+    refuse_output_inside_input(scanned_folders(options.image, images), folder)
     sizes = check_images(images)
-    show = display_plan(args)
-    device = resolve_device(args.device)
-    model, metadata, dtype = load_network(args, device)
+    show = display_plan(options)
+    device = resolve_device(options.device)
+    model, metadata, dtype = load_network(options.network, device)
     num_classes = metadata["num_classes"]
-    label = model_label(name, metadata)
-    print(f"model: {describe_model(name, metadata, device, dtype)}")
+    style = FigureStyle(options.alpha, model_label(options.name, metadata), show)
+    print(f"model: {describe_model(options.name, metadata, device, dtype)}")
     planned = [path for plan in plans for paths in plan.values() for path in paths]
     existing = sum(path.exists() for path in planned)
     written = []
@@ -284,17 +329,16 @@ def run(args):
     for image_path, (width, height), plan in tqdm(list(zip(images, sizes, plans)), desc="images",
                                                   disable=not progress_enabled(progress), dynamic_ncols=True):
         image = read_image(image_path, upright=True)  # as displayed: EXIF orientation applied
-        tiled = uses_tiles(height, width, args.tile, args.max_size)
+        tiled = uses_tiles(height, width, options.tile, options.max_size)
         started = time.perf_counter()
-        ids = predict(model, image, num_classes, device, Tiling(args.tile, args.stride, args.tile_batch),
-                      args.max_size, dtype)
+        ids = predict(model, image, num_classes, device, options.tiling() if tiled else Tiling(), options.max_size,
+                      dtype)
         seconds = time.perf_counter() - started
         found = ", ".join(f"{name} {format_share(share)}" for _, name, share in class_shares(ids))
-        how = describe_tiling(height, width, args.tile or DEFAULT_TILE, args.stride) if tiled else "whole"
+        how = describe_tiling(height, width, options.tiling().tile, options.stride) if tiled else "whole"
         tqdm.write(f"{image_path.name}: {width}x{height} px, {how}, {seconds:.2f} s; classes: {found}")
-        title = f"{image_path.name} · {width}x{height} px · {label} {metadata['arch']}"
-        written += write_outputs(image_path, image, ids, plan, args.alpha, title, label, show)
+        title = f"{image_path.name} · {width}x{height} px · {style.label} {metadata['arch']}"
+        written += write_outputs(image_path, image, ids, plan, title, style)
     if written:
-        folder = Path(args.output_dir) / OUTPUT_FOLDER
         replaced = f" ({existing} replaced earlier outputs of the same name)" if existing else ""
         print(f"wrote {len(written)} file(s) to {folder}/{replaced}")
