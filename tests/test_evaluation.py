@@ -15,7 +15,7 @@ from openpyxl import load_workbook
 from PIL import Image
 
 from conftest import REPO, assert_user_error, run_script
-from utils import model as models
+from utils import data, model as models
 from utils.checkpoint import make_checkpoint, save_atomic
 from utils.cli import UserError, default_name, run_main
 from utils.data import CLASS_NAMES, NUM_CLASSES
@@ -324,7 +324,8 @@ def test_options_are_checked_and_settled_when_made(monkeypatch, capsys):
                                                               "--workers 9 --tile 64 --stride 48".split())))
     assert (options.name, options.workers, options.tiling.window_stride) == ("demo_best", 2, 48)
     assert "--workers 9 is more than the 2 CPU(s)" in capsys.readouterr().out
-    assert options.eval_settings().tiling == options.tiling
+    settings = options.eval_settings(data.S2DS_CLASSES)
+    assert (settings.tiling, settings.num_classes, settings.crack_id) == (options.tiling, 7, 6)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.name = "other"
     for argv, fragment in [("--stride 48", "--stride"), ("--batch_size 0", "--batch_size"),
@@ -340,7 +341,9 @@ def test_options_are_checked_and_settled_when_made(monkeypatch, capsys):
 def five_class_checkpoint(tmp_path_factory):
     network = models.build(MOBILENET, 5, init="none")
     path = tmp_path_factory.mktemp("five") / "five_classes.pth"
-    save_atomic(make_checkpoint(network, MOBILENET, num_classes=5), path)
+    five = data.ClassTable(("background", "crack", "rust", "spall", "stain"),
+                           ((0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
+    save_atomic(make_checkpoint(network, MOBILENET, five), path)
     return path
 
 

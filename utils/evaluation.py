@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 
 from utils import data
-from utils.checkpoint import load_for_inference
-from utils.checkpoint import check_model_options
+from utils.checkpoint import check_model_options, checkpoint_classes, load_for_inference
 from utils.cli import (UserError, cap_workers, check_batch_memory, default_name, device_name, plain_name, require_path,
                        resolve_device)
 from utils.distributed import DistContext
@@ -82,9 +81,10 @@ class TestOptions:
         object.__setattr__(self, "name", plain_name(self.name or default_name(self.weights or self.pruned_model),
                                                     "--name"))
 
-    def eval_settings(self):
-        """The one evaluation loop's settings (utils.engine.evaluate) for this run."""
-        return EvalSettings(data.NUM_CLASSES, self.amp, self.tiling, tolerance_px=self.lt_tolerance)
+    def eval_settings(self, classes):
+        """The one evaluation loop's settings (utils.engine.evaluate) for this run, on ClassTable `classes`."""
+        return EvalSettings(classes.num_classes, self.amp, self.tiling, tolerance_px=self.lt_tolerance,
+                            crack_id=classes.crack_id)
 
 
 @dataclass
@@ -167,7 +167,8 @@ def load_network(options, device):
                         f"export the checkpoint again with export.py --output_stride")
     network = OnnxNetwork(options.weights, device)
     return network, {"path": options.weights, "format": f"onnx graph ({network.facts['precision']}, onnxruntime)",
-                     "arch": network.facts["arch"], "num_outputs": network.facts["num_classes"]}
+                     "arch": network.facts["arch"], "num_outputs": network.facts["num_classes"],
+                     "num_classes": network.facts["num_classes"]}
 
 
 def model_facts(model, metadata, input_size, device):
@@ -203,16 +204,14 @@ def _mean_std(values):
     return float(finite.mean()), float(finite.std()), int(finite.size)
 
 
-def collect_metrics(result, tolerance_px):
-    """Overall metrics as ordered (label, value, is_percent) rows plus the per-class arrays."""
+def collect_metrics(result, tolerance_px, crack_id):
+    """Overall metrics as ordered (label, value, is_percent) rows plus the per-class arrays and the crack
+    tolerance scores ({} without a crack class: its rows are left out)."""
     try:
         scores = result.confusion.compute()
     except ValueError as error:
         raise UserError(f"nothing to score: {error}") from None
-    lt = result.tolerance.compute()
-    crack = data.CRACK_ID
     miou_mean, miou_std, miou_n = _mean_std([row["miou"] for row in result.per_image])
-    crack_mean, crack_std, crack_n = _mean_std([row["crack_iou"] for row in result.per_image])
     rows = [
         ("pixel accuracy", scores["pixel_accuracy"], True),
         ("mIoU", scores["mean_iou"], True),
@@ -222,6 +221,19 @@ def collect_metrics(result, tolerance_px):
         ("mean recall", scores["mean_recall"], True),
         ("means over classes", MEANS_NOTE, False),
         ("frequency-weighted IoU", scores["fw_iou"], True),
+        (f"per-image mIoU, mean over {miou_n} images", miou_mean, True),
+        ("per-image mIoU, std (population)", miou_std, True),
+    ]
+    if crack_id is None:
+        return rows, scores, {}
+    return rows + _crack_rows(result, scores, tolerance_px, crack_id), scores, result.tolerance.compute()
+
+
+def _crack_rows(result, scores, tolerance_px, crack):
+    """The crack class's own scores: pixel, tolerance (thin-structure) and per-image."""
+    lt = result.tolerance.compute()
+    crack_mean, crack_std, crack_n = _mean_std([row["crack_iou"] for row in result.per_image])
+    return [
         ("crack IoU", scores["iou"][crack], True),
         ("crack F1 (Dice)", scores["f1"][crack], True),
         ("crack precision", scores["precision"][crack], True),
@@ -230,12 +242,9 @@ def collect_metrics(result, tolerance_px):
         (f"crack tolerance F1 ({tolerance_px} px)", lt["lt_f1"], True),
         (f"crack tolerance precision ({tolerance_px} px)", lt["lt_precision"], True),
         (f"crack tolerance recall ({tolerance_px} px)", lt["lt_recall"], True),
-        (f"per-image mIoU, mean over {miou_n} images", miou_mean, True),
-        ("per-image mIoU, std (population)", miou_std, True),
         (f"per-image crack IoU, mean over {crack_n} images (crack in label or prediction)", crack_mean, True),
         ("per-image crack IoU, std (population)", crack_std, True),
     ]
-    return rows, scores, lt
 
 
 LATENCY_LABEL = "latency per image (ms, deployed network, batch 1, median)"
@@ -269,7 +278,7 @@ def summary_rows(options, metadata, facts, dataset, device, measured, scores):
     else:
         rows.append(("checkpoint", _absolute(metadata["path"]), False))
     rows += [("checkpoint format", metadata.get("format"), False), ("arch", metadata["arch"], False),
-             ("classes", ", ".join(data.CLASS_NAMES), False), ("model outputs", metadata["num_outputs"], False),
+             ("classes", ", ".join(dataset.classes.names), False), ("model outputs", metadata["num_outputs"], False),
              ("params (aux head dropped)", facts["params"], False),
              (f"MACs per {'tile' if tiling.tile else 'image'} at {_size_text(facts['input_size'])}", facts["macs"],
               False),
@@ -293,29 +302,30 @@ def summary_rows(options, metadata, facts, dataset, device, measured, scores):
     return rows
 
 
-def per_class_frame(scores):
+def per_class_frame(scores, classes):
     total = max(1, int(scores["support_pixels"].sum()))
     return pd.DataFrame({
-        "id": range(data.NUM_CLASSES), "class": data.CLASS_NAMES, "IoU": scores["iou"],
+        "id": range(classes.num_classes), "class": classes.names, "IoU": scores["iou"],
         "precision": scores["precision"], "recall": scores["recall"], "F1 (Dice)": scores["f1"],
         "support pixels": scores["support_pixels"], "pixel share": scores["support_pixels"] / total,
         "support images": scores["support_images"]})
 
 
 def per_image_frame(result, dataset):
-    return pd.DataFrame({
+    columns = {
         "index": [row["index"] for row in result.per_image],
         "image": [dataset.samples[row["index"]].image.name for row in result.per_image],
-        "mIoU (per image)": [row["miou"] for row in result.per_image],
-        "crack IoU (per image)": [row["crack_iou"] for row in result.per_image]})
+        "mIoU (per image)": [row["miou"] for row in result.per_image]}
+    if dataset.classes.crack_id is not None:
+        columns["crack IoU (per image)"] = [row["crack_iou"] for row in result.per_image]
+    return pd.DataFrame(columns)
 
 
-def confusion_frames(matrix):
-    counts = pd.DataFrame(matrix, index=pd.Index(data.CLASS_NAMES, name="ground truth \\ prediction"),
-                          columns=data.CLASS_NAMES)
+def confusion_frames(matrix, names):
+    counts = pd.DataFrame(matrix, index=pd.Index(names, name="ground truth \\ prediction"), columns=names)
     with np.errstate(divide="ignore", invalid="ignore"):
         normalised = matrix / matrix.sum(axis=1, keepdims=True)
-    return counts, pd.DataFrame(normalised, index=counts.index, columns=data.CLASS_NAMES)
+    return counts, pd.DataFrame(normalised, index=counts.index, columns=names)
 
 
 def write_reports(outputs, name, summary, per_class, per_image, counts, normalised):
@@ -328,19 +338,20 @@ def write_reports(outputs, name, summary, per_class, per_image, counts, normalis
         "confusion_matrix": [
             Table(counts, title="pixel counts (rows: ground truth, columns: prediction)", index=True),
             Table(normalised, title="row-normalised: share of each ground-truth class", index=True,
-                  percent_columns=data.CLASS_NAMES, color_scale=True)],
+                  percent_columns=tuple(normalised.columns), color_scale=True)],
     })
-    plot_confusion(normalised.to_numpy(), data.CLASS_NAMES, outputs.confusion_png, title=f"{name}: confusion matrix")
+    plot_confusion(normalised.to_numpy(), list(normalised.columns), outputs.confusion_png,
+                   title=f"{name}: confusion matrix")
 
 
-def comparison_row(options, metadata, facts, device, result, scores, lt):
+def comparison_row(options, metadata, facts, device, classes, scores, lt):
     """One line of results/model_test_results.xlsx, so pruned variants sit side by side."""
     tiling = options.tiling
     row = {"name": options.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "checkpoint": _absolute(metadata.get("weights_path", metadata["path"])),
            "pruned architecture from": _absolute(metadata["path"]) if metadata.get("weights_path") else None,
            "arch": metadata["arch"], "dataset": str(Path(options.test_dir).resolve()),
-           "images": result.images, "params": facts["params"],
+           "images": facts["images"], "params": facts["params"],
            "MACs per image (all tiles)": facts["macs_per_image"], "image size": _size_text(facts["image_size"]),
            "eval size (shorter side, px)": options.eval_size or "native",
            "boundary ignore (px)": options.boundary_ignore,
@@ -348,17 +359,20 @@ def comparison_row(options, metadata, facts, device, result, scores, lt):
            "pruning ratio (%)": facts.get("pruning_ratio"), "pruning importance": facts.get("importance"),
            "mIoU": scores["mean_iou"],
            "mIoU without background": scores["mean_iou_no_background"],
-           "crack IoU": scores["iou"][data.CRACK_ID], "crack F1": scores["f1"][data.CRACK_ID],
-           "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": options.lt_tolerance,
-           "pixel accuracy": scores["pixel_accuracy"]}
-    row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(data.CLASS_NAMES)})
+           "classes": ", ".join(classes.names), "pixel accuracy": scores["pixel_accuracy"]}
+    if classes.crack_id is not None:
+        row.update({"crack IoU": scores["iou"][classes.crack_id], "crack F1": scores["f1"][classes.crack_id],
+                    "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": options.lt_tolerance})
+    row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(classes.names)})
     row.update({"latency per image (ms)": 1000 * facts["latency_seconds"], "images/s": 1 / facts["latency_seconds"],
                 "device": device_name(device)})
     return row
 
 
-COMPARISON_PERCENT = ("mIoU", "mIoU without background", "crack IoU", "crack F1", "ltIoU", "tolerance F1",
-                      "pixel accuracy", *(f"IoU {name}" for name in data.CLASS_NAMES))
+def comparison_percent(row):
+    """The comparison row's columns that hold fractions shown as percentages."""
+    return tuple(key for key in row if key in ("mIoU", "mIoU without background", "crack IoU", "crack F1", "ltIoU",
+                                               "tolerance F1", "pixel accuracy") or key.startswith("IoU "))
 
 
 class PredictionWriter:
@@ -421,6 +435,11 @@ def run(options):
     dataset = data.S2DSDataset(options.test_dir, data.EvalTransform(options.eval_size), require_labels=True,
                                boundary_px=options.boundary_ignore)
     model, metadata = load_network(options, device)
+    classes = checkpoint_classes(metadata, metadata["path"])
+    if classes != dataset.classes:
+        raise UserError(f"{metadata['path']} predicts {classes.num_classes} classes ({', '.join(classes.names)}) "
+                        f"but {dataset.root} has {dataset.classes.num_classes} ({', '.join(dataset.classes.names)}); "
+                        f"score it on data of its own classes")
     model = strip_aux_head(model)
     tiling = options.tiling
     input_size = (tiling.tile, tiling.tile) if tiling.tile else tuple(dataset[0][0].shape[-2:])
@@ -434,14 +453,15 @@ def run(options):
     if not options.overwrite:  # claimed atomically: of two runs with the same --name, the second is refused
         reserve(outputs.workbook, "another test.py run has this --name; choose another --name")
     try:
-        result = evaluate_split(model, dataset, device, options.eval_settings(), options.batch_size,
+        result = evaluate_split(model, dataset, device, options.eval_settings(classes), options.batch_size,
                                 options.workers, writer)
-        metric_rows, scores, lt = collect_metrics(result, options.lt_tolerance)
+        metric_rows, scores, lt = collect_metrics(result, options.lt_tolerance, classes.crack_id)
+        facts["images"] = result.images
         facts["latency_seconds"] = latency_per_image(model, tiling, facts["image_size"], device)
         summary = summary_rows(options, metadata, facts, dataset, device,
                                metric_rows + timing_rows(result, facts["latency_seconds"]), scores)
-        per_class = per_class_frame(scores)
-        counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy())
+        per_class = per_class_frame(scores, classes)
+        counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy(), classes.names)
         write_reports(outputs, options.name, summary, per_class, per_image_frame(result, dataset), counts,
                       normalised)
         if writer is not None:
@@ -452,8 +472,8 @@ def run(options):
         release(outputs.workbook)  # and no empty workbook that would block the same command
         raise
     try:
-        runs = append_results_row(outputs.comparison, comparison_row(options, metadata, facts, device, result,
-                                                                     scores, lt), COMPARISON_PERCENT)
+        row = comparison_row(options, metadata, facts, device, classes, scores, lt)
+        runs = append_results_row(outputs.comparison, row, comparison_percent(row))
     except UserError as error:
         raise UserError(f"{error} ({outputs.workbook} was written; rerun with --overwrite to add its row)") from None
     print(format_summary(summary, per_class))

@@ -14,10 +14,11 @@ from matplotlib import pyplot as plt
 from PIL import Image
 from tqdm import tqdm
 
-from utils.checkpoint import check_model_options, load_for_inference
+from utils.checkpoint import check_model_options, checkpoint_classes, load_for_inference
 from utils.cli import (UserError, check_batch_memory, default_name, plain_name, progress_enabled, require_path,
                        resolve_device)
-from utils.data import IMAGE_EXTENSIONS, encode_rgb_label, image_size, image_to_tensor, list_images, read_image
+from utils.data import (IMAGE_EXTENSIONS, S2DS_CLASSES, ClassTable, encode_rgb_label, image_size, image_to_tensor,
+                        list_images, read_image)
 from utils.model import Tiling, fold_batchnorm, forward_logits, sliding_window_logits, strip_aux_head, tile_cost
 from utils.files import replace_atomically
 from utils.visualize import (class_shares, format_share, has_display, overlay_figure, save_figure,
@@ -100,11 +101,12 @@ class InferenceOptions:
 
 @dataclass(frozen=True)
 class FigureStyle:
-    """What every figure of one run shares: the overlay's opacity, the model's label in captions, and whether
-    figures are also shown in a window."""
+    """What every figure of one run shares: the overlay's opacity, the model's label in captions, whether
+    figures are also shown in a window, and the network's classes (names and colours, from its checkpoint)."""
     alpha: float
     label: str
     show: bool
+    classes: ClassTable = S2DS_CLASSES
 
 
 def find_images(spec):
@@ -291,13 +293,13 @@ def write_outputs(image_path, image, ids, plan, title, style):
     for mode, paths in plan.items():
         if mode == "save_mask":
             save_png(ids, paths[0])
-            save_png(encode_rgb_label(ids), paths[1])
+            save_png(encode_rgb_label(ids, style.classes), paths[1])
             written += paths
             continue
         if mode == "overlay":
-            figure = overlay_figure(image, ids, style.alpha, title=style.label)
+            figure = overlay_figure(image, ids, style.alpha, style.label, style.classes)
         else:
-            figure = side_by_side_figure(image, ids, title, prediction_title=f"prediction: {style.label}")
+            figure = side_by_side_figure(image, ids, title, f"prediction: {style.label}", style.classes)
         if paths:
             save_figure(figure, paths[0])
             written += paths
@@ -319,8 +321,8 @@ def run(options):
     show = display_plan(options)
     device = resolve_device(options.device)
     model, metadata, dtype = load_network(options.network, device)
-    num_classes = metadata["num_classes"]
-    style = FigureStyle(options.alpha, model_label(options.name, metadata), show)
+    classes = checkpoint_classes(metadata, metadata["path"])
+    style = FigureStyle(options.alpha, model_label(options.name, metadata), show, classes)
     print(f"model: {describe_model(options.name, metadata, device, dtype)}")
     planned = [path for plan in plans for paths in plan.values() for path in paths]
     existing = sum(path.exists() for path in planned)
@@ -331,10 +333,10 @@ def run(options):
         image = read_image(image_path, upright=True)  # as displayed: EXIF orientation applied
         tiled = uses_tiles(height, width, options.tile, options.max_size)
         started = time.perf_counter()
-        ids = predict(model, image, num_classes, device, options.tiling() if tiled else Tiling(), options.max_size,
+        ids = predict(model, image, classes.num_classes, device, options.tiling() if tiled else Tiling(), options.max_size,
                       dtype)
         seconds = time.perf_counter() - started
-        found = ", ".join(f"{name} {format_share(share)}" for _, name, share in class_shares(ids))
+        found = ", ".join(f"{name} {format_share(share)}" for _, name, share in class_shares(ids, classes))
         how = describe_tiling(height, width, options.tiling().tile, options.stride) if tiled else "whole"
         tqdm.write(f"{image_path.name}: {width}x{height} px, {how}, {seconds:.2f} s; classes: {found}")
         title = f"{image_path.name} · {width}x{height} px · {style.label} {metadata['arch']}"
