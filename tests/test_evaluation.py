@@ -389,3 +389,42 @@ def test_bad_inputs_give_one_line(dataset_dir, mobilenet_checkpoint, five_class_
                       "model_test_results.xlsx", "untouched")
     assert comparison.read_bytes() == b"not a workbook at all"
     assert not (tmp_path / "out" / "test").exists()  # refused before anything was written
+
+
+# --- the tables' columns, declared once in utils.evaluation ---------------------------------------------------
+
+def test_comparison_columns_keep_their_headings_and_percent_formats():
+    schema = evaluation.comparison_schema(["background", "crack"])
+    assert [column.heading for column in schema.columns] == [
+        "name", "date", "checkpoint", "pruned architecture from", "arch", "dataset", "images", "params",
+        "MACs per image (all tiles)", "image size", "eval size (shorter side, px)", "boundary ignore (px)", "tile (px)",
+        "stride (px)", "pruning ratio (%)", "pruning importance", "mIoU", "mIoU without background", "classes",
+        "pixel accuracy", "crack IoU", "crack F1", "ltIoU", "tolerance F1", "lt tolerance (px)", "IoU background",
+        "IoU crack", "latency per image (ms)", "images/s", "device"]
+    assert set(schema.percent_headings) == {"mIoU", "mIoU without background", "pixel accuracy", "crack IoU",
+                                            "crack F1", "ltIoU", "tolerance F1", "IoU background", "IoU crack"}
+    with pytest.raises(KeyError, match="'comparison' has no column 'iou_vegetation'"):
+        schema.row({"iou_vegetation": 0.5})  # a class the table does not have
+
+
+def test_printed_summary_of_hand_made_scores():
+    classes = data.ClassTable(("background", "crack"), ((0, 0, 0), (255, 255, 255)))
+    scores = {"iou": np.array([0.9075, NAN]), "precision": np.array([0.9334, NAN]), "recall": np.array([1.0, 0.0]),
+              "f1": np.array([0.9515, 0.0]), "support_pixels": np.array([175978, 3144]),
+              "support_images": np.array([12, 8])}
+    per_class = evaluation.per_class_rows(scores, classes)
+    assert per_class[1]["pixel_share"] == pytest.approx(3144 / (175978 + 3144))
+    summary = [("name", "demo", False), ("classes", "background, crack", False), ("mIoU", 0.2463, True),
+               ("crack IoU", NAN, True), ("images", 12345, False), (LATENCY_LABEL, 159.478, False),
+               ("mixed precision", False, False), ("version: torch", "2", False)]
+    assert evaluation.format_summary(summary, per_class).splitlines() == [
+        "class                IoU  precision   recall       F1        pixels  images",
+        "background        90.75%     93.34%  100.00%   95.15%       175,978      12",
+        "crack                n/a        n/a    0.00%    0.00%         3,144       8",
+        "",
+        "name                                                       demo",
+        "mIoU                                                       24.63%",
+        "crack IoU                                                  n/a",
+        "images                                                     12,345",
+        "latency per image (ms, deployed network, batch 1, median)  159.48",
+        "mixed precision                                            False"]

@@ -11,7 +11,8 @@ from PIL import Image
 
 from utils import report
 from utils.cli import UserError
-from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
+from utils.report import (Column, Schema, Table, append_results_row, cell_text, check_results_workbook,
+                          plot_confusion, write_workbook)
 
 NAN = float("nan")
 
@@ -163,3 +164,61 @@ def test_curves_survive_a_loss_spike_and_count_whole_epochs(tmp_path, kept_figur
     for axis in (loss_axis, iou_axis):
         ticks = [tick for tick in axis.get_xticks() if axis.get_xlim()[0] <= tick <= axis.get_xlim()[1]]
         assert ticks == [1.0, 2.0]
+
+
+# --- one schema per table: rows, sheets and the printed table ------------------------------------------------
+
+SCORES = Schema("scores", (Column("name", "name"), Column("miou", "mIoU", percent=True, na="n/a"),
+                           Column("latency_ms", "latency", unit="ms", digits=1), Column("params", "params"),
+                           Column("crack_iou", "crack IoU", percent=True, optional=True)))
+
+
+def test_a_misspelt_or_missing_key_is_refused_naming_key_and_table():
+    with pytest.raises(KeyError, match=r"table 'scores' has no column 'mIou'"):
+        SCORES.row(name="a", mIou=0.5, latency_ms=1.0, params=3)
+    with pytest.raises(KeyError, match=r"row of table 'scores' lacks params"):
+        SCORES.row(name="a", miou=0.5, latency_ms=1.0)
+    with pytest.raises(KeyError, match="no column 'mIoU'"):  # a hand-made row is checked where it is used too
+        SCORES.format([{"name": "a", "mIoU": 0.5, "latency_ms": 1.0, "params": 3}])
+    with pytest.raises(ValueError, match="declares the heading"):
+        Schema("twice", (Column("a", "size"), Column("b", "size")))
+    with pytest.raises(ValueError, match="percentage"):
+        Column("ratio", "ratio", unit="%", percent=True)
+    row = SCORES.row(name="a", miou=0.5, latency_ms=None, params=3)  # None: not measured, still a value
+    assert list(row) == ["name", "miou", "latency_ms", "params"]  # the optional column left out
+
+
+def test_schema_headings_and_percent_formats_reach_the_workbook(tmp_path):
+    rows = [SCORES.row(name="dense", miou=0.5, latency_ms=12.5, params=1000, crack_iou=0.25),
+            SCORES.row(name="pruned", miou=NAN, latency_ms=3.25, params=10)]
+    assert SCORES.headed(rows[0]) == {"name": "dense", "mIoU": 0.5, "latency (ms)": 12.5, "params": 1000,
+                                      "crack IoU": 0.25}
+    path = tmp_path / "book.xlsx"
+    write_workbook(path, {"scores": [SCORES.table(rows)]})
+    sheet = load_workbook(path)["scores"]
+    assert [cell.value for cell in sheet[1]] == ["name", "mIoU", "latency (ms)", "params", "crack IoU"]
+    assert sheet["B2"].number_format == "0.00%" and sheet["E2"].number_format == "0.00%"
+    assert sheet["C2"].number_format == "0.0000" and sheet["D2"].number_format == "#,##0"
+    assert sheet["B3"].value is None and sheet["E3"].value is None  # NaN and left out: empty cells
+    append_results_row(tmp_path / "results.xlsx", SCORES.headed(rows[0]), SCORES.percent_headings)
+    results = load_workbook(tmp_path / "results.xlsx")["results"]
+    assert results["B2"].number_format == "0.00%" and results["E2"].number_format == "0.00%"
+
+
+def test_the_printed_table_of_hand_made_rows():
+    rows = [SCORES.row(name="dense", miou=0.5, latency_ms=1234.56, params=61000000),
+            SCORES.row(name="a_longer_name", miou=NAN, latency_ms=None, params=7, crack_iou=0.0412)]
+    assert SCORES.format(rows).splitlines() == [
+        "name             mIoU  latency (ms)      params  crack IoU",
+        "dense          50.00%       1,234.6  61,000,000          -",
+        "a_longer_name     n/a             -           7      4.12%"]
+    assert SCORES.format(rows, keys=("params", "name"), headings=False, separator="  ").splitlines() == [
+        "61,000,000  dense", "         7  a_longer_name"]
+    assert Schema("w", (Column("x", "x", percent=True, width=9),)).format([{"x": 0.5}]) == "        x\n   50.00%"
+
+
+def test_cell_text():
+    assert [cell_text(value) for value in (None, NAN, True, "text", 12345, 0.5, np.int64(3))] == [
+        "-", "-", "True", "text", "12,345", "0.50", "3"]
+    assert cell_text(0.12345, percent=True) == "12.35%" and cell_text(NAN, percent=True, na="n/a") == "n/a"
+    assert cell_text(2 / 3, digits=4) == "0.6667"

@@ -27,7 +27,8 @@ from utils.files import refuse_existing, release, reserve
 from utils.model import (Tiling, build, count_macs, count_parameters, fold_batchnorm, strip_aux_head, tile_windows)
 from utils.onnx_model import OnnxNetwork, is_onnx_path
 from utils.recipe import eval_loader
-from utils.report import Table, append_results_row, check_results_workbook, plot_confusion, write_workbook
+from utils.report import (Column, Schema, Table, append_results_row, cell_text, check_results_workbook, plot_confusion,
+                          write_workbook)
 from utils.timing import deployed_latencies
 
 COMPARISON_WORKBOOK = "model_test_results.xlsx"
@@ -302,23 +303,39 @@ def summary_rows(options, metadata, facts, dataset, device, measured, scores):
     return rows
 
 
-def per_class_frame(scores, classes):
+# The per_class sheet and the printed per-class table (widths: the printed table's layout since the first release).
+PER_CLASS = Schema("per_class", (
+    Column("id", "id"), Column("class", "class", width=15),
+    Column("iou", "IoU", percent=True, na="n/a", width=8),
+    Column("precision", "precision", percent=True, na="n/a", width=10),
+    Column("recall", "recall", percent=True, na="n/a", width=8),
+    Column("f1", "F1 (Dice)", percent=True, na="n/a", label="F1", width=8),
+    Column("support_pixels", "support pixels", label="pixels", width=13),
+    Column("pixel_share", "pixel share", percent=True),
+    Column("support_images", "support images", label="images", width=7)))
+PRINTED_PER_CLASS = ("class", "iou", "precision", "recall", "f1", "support_pixels", "support_images")
+PER_IMAGE = Schema("per_image", (
+    Column("index", "index"), Column("image", "image"), Column("miou", "mIoU (per image)", percent=True),
+    Column("crack_iou", "crack IoU (per image)", percent=True, optional=True)))
+
+
+def per_class_rows(scores, classes):
+    """One PER_CLASS row per class of ClassTable `classes`."""
     total = max(1, int(scores["support_pixels"].sum()))
-    return pd.DataFrame({
-        "id": range(classes.num_classes), "class": classes.names, "IoU": scores["iou"],
-        "precision": scores["precision"], "recall": scores["recall"], "F1 (Dice)": scores["f1"],
-        "support pixels": scores["support_pixels"], "pixel share": scores["support_pixels"] / total,
-        "support images": scores["support_images"]})
+    return [PER_CLASS.row(id=i, iou=float(scores["iou"][i]), precision=float(scores["precision"][i]),
+                          recall=float(scores["recall"][i]), f1=float(scores["f1"][i]),
+                          support_pixels=int(scores["support_pixels"][i]),
+                          pixel_share=float(scores["support_pixels"][i] / total),
+                          support_images=int(scores["support_images"][i]), **{"class": name})
+            for i, name in enumerate(classes.names)]
 
 
-def per_image_frame(result, dataset):
-    columns = {
-        "index": [row["index"] for row in result.per_image],
-        "image": [dataset.samples[row["index"]].image.name for row in result.per_image],
-        "mIoU (per image)": [row["miou"] for row in result.per_image]}
-    if dataset.classes.crack_id is not None:
-        columns["crack IoU (per image)"] = [row["crack_iou"] for row in result.per_image]
-    return pd.DataFrame(columns)
+def per_image_rows(result, dataset):
+    """One PER_IMAGE row per scored image (its crack IoU where the class table has a crack)."""
+    with_crack = dataset.classes.crack_id is not None
+    return [PER_IMAGE.row(index=row["index"], image=dataset.samples[row["index"]].image.name, miou=row["miou"],
+                          **({"crack_iou": row["crack_iou"]} if with_crack else {}))
+            for row in result.per_image]
 
 
 def confusion_frames(matrix, names):
@@ -333,8 +350,8 @@ def write_reports(outputs, name, summary, per_class, per_image, counts, normalis
     summary_frame = pd.DataFrame([(item, value) for item, value, _ in summary], columns=["item", "value"])
     write_workbook(outputs.workbook, {
         "summary": [Table(summary_frame, percent_rows=percent_rows)],
-        "per_class": [Table(per_class, percent_columns=("IoU", "precision", "recall", "F1 (Dice)", "pixel share"))],
-        "per_image": [Table(per_image, percent_columns=("mIoU (per image)", "crack IoU (per image)"))],
+        "per_class": [PER_CLASS.table(per_class)],
+        "per_image": [PER_IMAGE.table(per_image)],
         "confusion_matrix": [
             Table(counts, title="pixel counts (rows: ground truth, columns: prediction)", index=True),
             Table(normalised, title="row-normalised: share of each ground-truth class", index=True,
@@ -344,35 +361,53 @@ def write_reports(outputs, name, summary, per_class, per_image, counts, normalis
                    title=f"{name}: confusion matrix")
 
 
+# One line of results/model_test_results.xlsx per test.py run; comparison_schema adds one IoU column per class.
+COMPARISON = Schema("comparison", (
+    Column("name", "name"), Column("date", "date"), Column("checkpoint", "checkpoint"),
+    Column("pruned_from", "pruned architecture from"), Column("arch", "arch"), Column("dataset", "dataset"),
+    Column("images", "images"), Column("params", "params"), Column("macs_per_image", "MACs per image (all tiles)"),
+    Column("image_size", "image size"), Column("eval_size", "eval size", unit="shorter side, px"),
+    Column("boundary_ignore", "boundary ignore", unit="px"), Column("tile", "tile", unit="px"),
+    Column("stride", "stride", unit="px"), Column("pruning_ratio", "pruning ratio", unit="%"),
+    Column("importance", "pruning importance"), Column("miou", "mIoU", percent=True),
+    Column("miou_no_background", "mIoU without background", percent=True), Column("classes", "classes"),
+    Column("pixel_accuracy", "pixel accuracy", percent=True),
+    Column("crack_iou", "crack IoU", percent=True, optional=True),
+    Column("crack_f1", "crack F1", percent=True, optional=True),
+    Column("lt_iou", "ltIoU", percent=True, optional=True),
+    Column("lt_f1", "tolerance F1", percent=True, optional=True),
+    Column("lt_tolerance", "lt tolerance", unit="px", optional=True),
+    Column("latency_ms", "latency per image", unit="ms"), Column("images_per_second", "images/s"),
+    Column("device", "device")))
+
+
+def comparison_schema(class_names):
+    """COMPARISON with an "IoU <class>" column per class of the table, before the timing columns."""
+    return COMPARISON.inserted("latency_ms", (Column(f"iou_{name}", f"IoU {name}", percent=True)
+                                              for name in class_names))
+
+
 def comparison_row(options, metadata, facts, device, classes, scores, lt):
-    """One line of results/model_test_results.xlsx, so pruned variants sit side by side."""
+    """One row of comparison_schema(classes.names), so pruned variants sit side by side."""
     tiling = options.tiling
     row = {"name": options.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "checkpoint": _absolute(metadata.get("weights_path", metadata["path"])),
-           "pruned architecture from": _absolute(metadata["path"]) if metadata.get("weights_path") else None,
+           "pruned_from": _absolute(metadata["path"]) if metadata.get("weights_path") else None,
            "arch": metadata["arch"], "dataset": str(Path(options.test_dir).resolve()),
-           "images": facts["images"], "params": facts["params"],
-           "MACs per image (all tiles)": facts["macs_per_image"], "image size": _size_text(facts["image_size"]),
-           "eval size (shorter side, px)": options.eval_size or "native",
-           "boundary ignore (px)": options.boundary_ignore,
-           "tile (px)": tiling.tile, "stride (px)": tiling.window_stride if tiling.tile else None,
-           "pruning ratio (%)": facts.get("pruning_ratio"), "pruning importance": facts.get("importance"),
-           "mIoU": scores["mean_iou"],
-           "mIoU without background": scores["mean_iou_no_background"],
-           "classes": ", ".join(classes.names), "pixel accuracy": scores["pixel_accuracy"]}
+           "images": facts["images"], "params": facts["params"], "macs_per_image": facts["macs_per_image"],
+           "image_size": _size_text(facts["image_size"]), "eval_size": options.eval_size or "native",
+           "boundary_ignore": options.boundary_ignore, "tile": tiling.tile,
+           "stride": tiling.window_stride if tiling.tile else None,
+           "pruning_ratio": facts.get("pruning_ratio"), "importance": facts.get("importance"),
+           "miou": scores["mean_iou"], "miou_no_background": scores["mean_iou_no_background"],
+           "classes": ", ".join(classes.names), "pixel_accuracy": scores["pixel_accuracy"]}
     if classes.crack_id is not None:
-        row.update({"crack IoU": scores["iou"][classes.crack_id], "crack F1": scores["f1"][classes.crack_id],
-                    "ltIoU": lt["lt_iou"], "tolerance F1": lt["lt_f1"], "lt tolerance (px)": options.lt_tolerance})
-    row.update({f"IoU {name}": scores["iou"][i] for i, name in enumerate(classes.names)})
-    row.update({"latency per image (ms)": 1000 * facts["latency_seconds"], "images/s": 1 / facts["latency_seconds"],
+        row.update({"crack_iou": scores["iou"][classes.crack_id], "crack_f1": scores["f1"][classes.crack_id],
+                    "lt_iou": lt["lt_iou"], "lt_f1": lt["lt_f1"], "lt_tolerance": options.lt_tolerance})
+    row.update({f"iou_{name}": scores["iou"][i] for i, name in enumerate(classes.names)})
+    row.update({"latency_ms": 1000 * facts["latency_seconds"], "images_per_second": 1 / facts["latency_seconds"],
                 "device": device_name(device)})
-    return row
-
-
-def comparison_percent(row):
-    """The comparison row's columns that hold fractions shown as percentages."""
-    return tuple(key for key in row if key in ("mIoU", "mIoU without background", "crack IoU", "crack F1", "ltIoU",
-                                               "tolerance F1", "pixel accuracy") or key.startswith("IoU "))
+    return comparison_schema(classes.names).row(row)
 
 
 class PredictionWriter:
@@ -398,31 +433,16 @@ class PredictionWriter:
         os.replace(self.partial, self.folder)
 
 
+# The summary printed as two columns, no headings: each item's value formatted by its own row's percent flag.
+PRINTED_SUMMARY = Schema("printed summary", (Column("item", "item"), Column("value", "value")))
+
+
 def format_summary(summary, per_class):
-    """The table printed at the end: per-class scores, then every overall number."""
-    lines = [f"{'class':<15}{'IoU':>9}{'precision':>11}{'recall':>9}{'F1':>9}{'pixels':>14}{'images':>8}"]
-
-    def percent(value):
-        return "     n/a" if np.isnan(value) else f"{100 * value:7.2f}%"
-
-    for row in per_class.to_dict("records"):
-        lines.append(f"{row['class']:<15}{percent(row['IoU']):>9}{percent(row['precision']):>11}"
-                     f"{percent(row['recall']):>9}{percent(row['F1 (Dice)']):>9}{row['support pixels']:>14,d}"
-                     f"{row['support images']:>8d}")
-    lines.append("")
-    shown = [row for row in summary if row[0] != "classes" and not row[0].startswith("version:")]
-    width = max(len(item) for item, _, _ in shown)
-    for item, value, is_percent in shown:
-        if is_percent:
-            text = percent(value).strip()
-        elif isinstance(value, float):
-            text = f"{value:,.2f}"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            text = f"{value:,d}"
-        else:
-            text = str(value)
-        lines.append(f"{item:<{width}}  {text}")
-    return "\n".join(lines)
+    """The table printed at the end: per-class scores (PER_CLASS rows), then every overall number."""
+    shown = [PRINTED_SUMMARY.row(item=item, value=cell_text(value, is_percent, na="n/a"))
+             for item, value, is_percent in summary if item != "classes" and not item.startswith("version:")]
+    return (PER_CLASS.format(per_class, keys=PRINTED_PER_CLASS, separator=" ") + "\n\n"
+            + PRINTED_SUMMARY.format(shown, headings=False, separator="  "))
 
 
 def run(options):
@@ -460,9 +480,9 @@ def run(options):
         facts["latency_seconds"] = latency_per_image(model, tiling, facts["image_size"], device)
         summary = summary_rows(options, metadata, facts, dataset, device,
                                metric_rows + timing_rows(result, facts["latency_seconds"]), scores)
-        per_class = per_class_frame(scores, classes)
+        per_class = per_class_rows(scores, classes)
         counts, normalised = confusion_frames(result.confusion.matrix.cpu().numpy(), classes.names)
-        write_reports(outputs, options.name, summary, per_class, per_image_frame(result, dataset), counts,
+        write_reports(outputs, options.name, summary, per_class, per_image_rows(result, dataset), counts,
                       normalised)
         if writer is not None:
             writer.finish()
@@ -473,7 +493,8 @@ def run(options):
         raise
     try:
         row = comparison_row(options, metadata, facts, device, classes, scores, lt)
-        runs = append_results_row(outputs.comparison, row, comparison_percent(row))
+        schema = comparison_schema(classes.names)
+        runs = append_results_row(outputs.comparison, schema.headed(row), schema.percent_headings)
     except UserError as error:
         raise UserError(f"{error} ({outputs.workbook} was written; rerun with --overwrite to add its row)") from None
     print(format_summary(summary, per_class))

@@ -174,6 +174,133 @@ def write_workbook(path, sheets):
     replace_atomically(path, workbook.save)
 
 
+# --- columns declared once: rows, sheets and printed tables from one schema -------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table people read, declared once with everything its outputs need.
+
+    `key` names it in code, `header` (plus ` (unit)` when `unit` is given) in CSV and Excel; `percent`: a
+    fraction stored as such and shown as a percentage; `digits`: decimals printed; `label`: a shorter printed
+    heading; `width`: the least width it takes in a printed table; `na`: printed for NaN (None is always "-",
+    a value that was not measured); `optional`: a row may leave it out (the crack columns of a set without cracks).
+    """
+    key: str
+    header: str
+    unit: str | None = None
+    percent: bool = False
+    digits: int = 2
+    label: str | None = None
+    width: int = 0
+    na: str = "-"
+    optional: bool = False
+
+    def __post_init__(self):
+        if not self.key or not self.header:
+            raise ValueError(f"a column needs a key and a header, got {self.key!r}, {self.header!r}")
+        if self.percent and self.unit:
+            raise ValueError(f"column {self.key!r} is a percentage; it cannot also be in {self.unit}")
+
+    @property
+    def heading(self):
+        """The column's name in CSV and Excel."""
+        return f"{self.header} ({self.unit})" if self.unit else self.header
+
+    def text(self, value):
+        return cell_text(value, self.percent, self.digits, self.na)
+
+
+def cell_text(value, percent=False, digits=2, na="-"):
+    """A value as printed: a fraction in percent with `digits` decimals, thousands separated, None as "-",
+    NaN as `na`; text as it is."""
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        value = value.item()
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return na
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if percent:
+        return f"{100 * value:.{digits}f}%"
+    return f"{value:,d}" if isinstance(value, int) else f"{value:,.{digits}f}"
+
+
+class Schema:
+    """The columns of one table, in order, declared once: rows built through it refuse a key it does not have,
+    so a misspelt column fails where the row is made instead of printing "-" in a report."""
+
+    def __init__(self, name, columns):
+        self.name, self.columns = name, tuple(columns)
+        for attribute in ("key", "heading"):
+            names = [getattr(column, attribute) for column in self.columns]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"table {name!r} declares the {attribute}(s) {', '.join(repeated)} twice")
+        self._by_key = {column.key: column for column in self.columns}
+
+    def __repr__(self):
+        return f"Schema({self.name!r}, {[column.key for column in self.columns]})"
+
+    def column(self, key):
+        if key not in self._by_key:
+            raise KeyError(f"table {self.name!r} has no column {key!r} (its columns: {', '.join(self._by_key)})")
+        return self._by_key[key]
+
+    def inserted(self, before, columns):
+        """A copy with `columns` placed before the column `before`: the columns a class table generates."""
+        position = self.columns.index(self.column(before))
+        return Schema(self.name, self.columns[:position] + tuple(columns) + self.columns[position:])
+
+    def row(self, values=(), **more):
+        """A row of this table in its column order; an unknown key, or a missing one not marked optional, is a
+        KeyError naming the key and the table. None is a value: "not measured"."""
+        values = dict(values, **more)
+        for key in values:
+            self.column(key)
+        missing = [column.key for column in self.columns if column.key not in values and not column.optional]
+        if missing:
+            raise KeyError(f"a row of table {self.name!r} lacks {', '.join(missing)}")
+        return {column.key: values[column.key] for column in self.columns if column.key in values}
+
+    def present(self, rows):
+        """The columns that at least one of `rows` holds (each row checked)."""
+        rows = [self.row(row) for row in rows]
+        return [column for column in self.columns if any(column.key in row for row in rows)]
+
+    def headed(self, row):
+        """{heading: value} of one row, as a CSV or the comparison workbook stores it."""
+        return {self.column(key).heading: value for key, value in self.row(row).items()}
+
+    @property
+    def percent_headings(self):
+        return tuple(column.heading for column in self.columns if column.percent)
+
+    def frame(self, rows):
+        """The rows as a DataFrame under the columns' headings (columns no row holds are left out)."""
+        columns = self.present(rows)
+        return pd.DataFrame([[row.get(column.key) for column in columns] for row in rows],
+                            columns=[column.heading for column in columns])
+
+    def table(self, rows, title=None):
+        """A Table for write_workbook: headings and percent formats from the columns."""
+        return Table(self.frame(rows), title=title, percent_columns=self.percent_headings)
+
+    def format(self, rows, keys=None, headings=True, separator="  "):
+        """The one printed table: fixed-width text of `keys` (all present columns by default); text columns
+        left-aligned, numbers right-aligned, each column at least its `width`; no trailing spaces."""
+        columns = [self.column(key) for key in keys] if keys else self.present(rows)
+        rows = [self.row(row) for row in rows]
+        cells = [[column.text(row.get(column.key)) for column in columns] for row in rows]
+        if headings:
+            cells.insert(0, [column.label or column.heading for column in columns])
+        widths = [max([column.width] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+        left = [any(isinstance(row.get(column.key), str) for row in rows) for column in columns]
+        return "\n".join(separator.join(f"{text:<{width}}" if is_left else f"{text:>{width}}"
+                                        for text, width, is_left in zip(line, widths, left)).rstrip()
+                         for line in cells)
+
+
 # --- the cumulative comparison workbook -----------------------------------------------------------------
 
 @contextmanager
