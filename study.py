@@ -21,12 +21,11 @@ NAME need --overwrite.
 """
 import argparse
 
-from utils.cli import (ArgumentParser, add_bool, add_config, add_quiet, cap_workers, check_batch_memory, run_main,
-                       script_main)
+from utils.cli import ArgumentParser, add_bool, add_config, add_quiet, options_from, run_main, script_main
 from utils.model import add_output_stride_option
 from utils.options import (add_allow_pickle, add_measurement_options, add_output_options, add_pruning_options,
                            add_system_options, add_tuning_options)
-from utils.study import check_args, run
+from utils.study import StudyOptions, run
 
 
 def get_args_parser():
@@ -71,14 +70,12 @@ def get_args_parser():
     return parser
 
 
-def check(args):
-    """utils.study's checks, then the resource rules every script shares (utils.cli)."""
-    check_args(args)
-    args.workers = cap_workers(args.workers)
-    check_batch_memory(args.batch_size, args.crop_size, "--batch_size x --crop_size")
+def run_options(args):
+    """The parsed command line as utils.study's StudyOptions (every check happens as it is made), run."""
+    return run(options_from(StudyOptions, vars(args)))
 
 
-main = script_main(get_args_parser, run, check)
+main = script_main(get_args_parser, run_options)
 
 
 if __name__ == "__main__":

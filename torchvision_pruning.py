@@ -13,12 +13,11 @@ and NAME_steps.csv (per step: ratio, MACs, params, val mIoU, seconds).
 """
 import argparse
 
-from utils.cli import (ArgumentParser, UserError, add_bool, add_config, add_quiet, cap_workers, check_batch_memory,
-                       plain_name, resolve_device, run_main, script_main)
+from utils.cli import ArgumentParser, add_bool, add_config, add_quiet, options_from, run_main, script_main
 from utils.model import ARCHS, INITS, add_output_stride_option
 from utils.options import (add_allow_pickle, add_measurement_options, add_output_options, add_pruning_options,
                            add_system_options, add_tuning_options)
-from utils.pruning import run
+from utils.pruning import PruneRun, run
 
 
 def get_args_parser():
@@ -66,34 +65,12 @@ def get_args_parser():
     return parser
 
 
-def check_args(args):
-    """Checks argparse cannot do, before anything is loaded; each failure is one line and exit status 2."""
-    taylor = args.importance_type.lower() == "taylor"
-    needs_data = [reason for reason, on in (("--importance_type Taylor", taylor),
-                                            ("--finetune_epochs", args.finetune_epochs > 0)) if on]
-    if needs_data and not args.data:
-        raise UserError(f"{needs_data[0]} needs --data TRAIN_DIR: Taylor importance and fine-tuning use the "
-                        f"real segmentation loss on training images, never random input")
-    if (args.finetune_epochs > 0 or (taylor and args.calib_mode == "train")) and args.batch_size < 2:
-        raise UserError(f"--batch_size must be at least 2 for BatchNorm in train mode, got {args.batch_size}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    for option, lowest in (("iterative_steps", 1), ("calib_batches", 1), ("crop_size", 8), ("measure_size", 32),
-                           ("finetune_epochs", 0), ("latency_runs", 0), ("workers", 0)):
-        if getattr(args, option) < lowest:
-            raise UserError(f"--{option} must be at least {lowest}, got {getattr(args, option)}")
-    args.workers = cap_workers(args.workers)
-    check_batch_memory(args.batch_size, args.crop_size, "--batch_size x --crop_size")
-    if args.round_to is not None and args.round_to < 1:
-        raise UserError(f"--round_to must be a positive number of channels, got {args.round_to}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.model_name is not None:
-        plain_name(args.model_name, "--model_name")
-    args.device = str(resolve_device(args.device))
+def run_options(args):
+    """The parsed command line as utils.pruning's PruneRun (checked as it is made), run."""
+    return run(options_from(PruneRun, vars(args)))
 
 
-main = script_main(get_args_parser, run, check_args)
+main = script_main(get_args_parser, run_options)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Pruning: torchvision_pruning.py, utils/pruning.py, and pruned files going through train, test and inference."""
+import dataclasses
 import importlib.util
 import os
+import typing
 
 import pandas as pd
 import pytest
@@ -9,16 +11,19 @@ import torch_pruning as tp
 
 import benchmark
 import inference
+import study
 import torchvision_pruning
 import train
 from conftest import REPO, assert_user_error, run_script
 from utils import model as models, timing
 from utils.evaluation import latency_per_image
 from utils.checkpoint import load_model, make_checkpoint, save_atomic
-from utils.cli import UserError
-from utils.data import S2DSDataset, collate, train_transform
+from utils.cli import UserError, options_from, usable_cpus
+from utils.data import ClassTable, S2DSDataset, collate, train_transform
 from utils.losses import SegmentationLoss
+from utils.pruning import PruneRun
 from utils.prune_ops import build_pruner, make_importance, prune_step, ratio_fraction, taylor_gradients
+from utils.study import StudyOptions
 
 MOBILENET = "deeplabv3_mobilenet_v3_large"
 FAST = ["--device", "cpu", "--workers", "0", "--latency_runs", "0", "--measure_size", "64"]
@@ -159,6 +164,37 @@ def test_the_seed_command_parses_as_written():
     assert (args.pruning_ratio, args.importance_type, args.p_value, args.model_name, args.iterative_steps,
             args.state_dict, args.keep_feature_extract) == (50.0, "Magnitude", 2, "NAME", 5, "W.pth", False)
     assert (args.finetune_epochs, args.overwrite, args.device) == (0, False, "auto")
+
+
+def _option_fields(spec):
+    """The field names of an options dataclass and of the ones nested in it: options_from fills every one of them
+    from the script's parsed command line, so each must be an option of that script."""
+    hints = typing.get_type_hints(spec)
+    names = []
+    for field in dataclasses.fields(spec):
+        names += _option_fields(hints[field.name]) if dataclasses.is_dataclass(hints[field.name]) else [field.name]
+    return names
+
+
+@pytest.mark.parametrize("script, spec", [(torchvision_pruning, PruneRun), (study, StudyOptions)])
+def test_every_field_of_the_run_options_is_an_option_of_the_script(script, spec):
+    options = {action.dest for action in script.get_args_parser()._actions}
+    fields = _option_fields(spec)
+    assert len(fields) > 10 and [name for name in fields if name not in options] == []
+
+
+def test_pruning_options_are_checked_and_settled_when_made(mobilenet_checkpoint, capsys):
+    argv = ["--pruning_ratio", "40", "--importance_type", "lamp", "--state_dict", str(mobilenet_checkpoint),
+            "--workers", "1000", "--device", "auto"]
+    options = options_from(PruneRun, vars(torchvision_pruning.get_args_parser().parse_args(argv)))
+    assert options.device in ("cpu", "cuda") and options.prune.workers == usable_cpus()
+    assert options.prune.importance_type == "LAMP" and options.tuning.crop_size == 512
+    assert capsys.readouterr().out.count("note: --workers 1000") == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.prune.pruning_ratio = 10
+    assert options.flat()["pruning_ratio"] == 40 and options.flat()["state_dict"] == str(mobilenet_checkpoint)
+    with pytest.raises(UserError, match="--measure_size must be at least 32"):
+        options_from(PruneRun, vars(torchvision_pruning.get_args_parser().parse_args(argv + ["--measure_size", "8"])))
 
 
 # --- the pruner ----------------------------------------------------------------------------------------
@@ -338,8 +374,9 @@ def test_bad_values_refused(tmp_path, mobilenet_checkpoint, argv, fragment):
 def test_nothing_to_prune_and_other_class_count_refused(tmp_path):
     with pytest.raises(UserError, match="--state_dict"):
         prune(tmp_path, "--pruning_ratio", 50)
-    save_atomic(make_checkpoint(models.build(MOBILENET, 5, init="none"), MOBILENET, num_classes=5),
-                tmp_path / "five.pth")
+    five = ClassTable(("background", "a", "b", "c", "crack"),
+                      ((0, 0, 0), (0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 255, 255)))
+    save_atomic(make_checkpoint(models.build(MOBILENET, 5, init="none"), MOBILENET, five), tmp_path / "five.pth")
     with pytest.raises(UserError, match="5 classes"):
         prune(tmp_path, "--pruning_ratio", 50, "--state_dict", tmp_path / "five.pth")
 

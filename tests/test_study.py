@@ -16,7 +16,7 @@ from conftest import REPO, assert_user_error, run_script
 from utils import data, model as models
 from utils.cli import UserError
 from utils.losses import SegmentationLoss
-from utils.pruning import PruneData, prune_in_steps
+from utils.pruning import PruneData, PruneOptions, prune_in_steps
 from utils.study import layers_outside, network_parts, summary_rows, table_rows, variant_grid
 
 
@@ -177,11 +177,10 @@ def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):
     assert list(parts) == ["backbone", "ASPP", "head 3x3 conv"]
     model = copy.deepcopy(dense)
 
-    class Args:
-        importance_type, p_value, pruning_ratio, iterative_steps = "Magnitude", 2, 50, 1
-        global_pruning, round_to, finetune_epochs, calib_batches, calib_mode, seed = False, None, 0, 1, "eval", 0
-
-    prune_in_steps(model, Args, PruneData(), None, lambda *_: None, layers_outside(model, parts["ASPP"]))
+    options = PruneOptions(importance_type="Magnitude", p_value=2, pruning_ratio=50, iterative_steps=1,
+                           global_pruning=False, round_to=None, finetune_epochs=0, calib_batches=1, calib_mode="eval",
+                           seed=0, optimizer="sgd", lr=0.01, weight_decay=0.0, batch_size=2, workers=0)
+    prune_in_steps(model, options, PruneData(), None, lambda *_: None, layers_outside(model, parts["ASPP"]))
     before, after = dict(dense.named_modules()), dict(model.named_modules())
     changed = {name for name, module in after.items() if isinstance(module, torch.nn.Conv2d)
                and module.weight.shape != before[name].weight.shape}
@@ -190,6 +189,28 @@ def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):
                for name in changed)
     assert all(after[name].out_channels == before[name].out_channels for name in changed
                if not name.startswith("classifier.0."))
+
+
+def test_study_options_are_checked_and_settled_when_made(mobilenet_checkpoint, dataset_dir, capsys):
+    """study.py's checks run as StudyOptions is made from the command line: --device auto resolved, --workers capped
+    (one note), frozen afterwards; a bad value is a UserError before anything is loaded."""
+    import dataclasses
+
+    import study
+    from utils.cli import options_from, usable_cpus
+    from utils.study import StudyOptions
+
+    argv = ["--state_dict", str(mobilenet_checkpoint), "--test_data", str(dataset_dir / "test"), "--pruning_ratio",
+            "30", "50", "--name", "checked", "--finetune_epochs", "0", "--workers", "1000"]
+    options = options_from(StudyOptions, vars(study.get_args_parser().parse_args(argv)))
+    assert options.device in ("cpu", "cuda") and options.workers == usable_cpus()
+    assert options.pruning_ratio == (30.0, 50.0) and options.seed == 42
+    assert capsys.readouterr().out.count("note: --workers 1000") == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.device = "cpu"
+    with pytest.raises(UserError, match="--val_data"):
+        options_from(StudyOptions, vars(study.get_args_parser().parse_args(argv + ["--finetune_epochs", "1",
+                                                                                 "--data", "x"])))
 
 
 def test_training_crop_never_exceeds_the_smallest_image(dataset_dir, capsys):

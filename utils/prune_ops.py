@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 import torch_pruning as tp
+from torchvision.models.segmentation import LRASPP
 
 from utils.cli import UserError, percent_or_fraction_hint
 from utils.model import eval_mode, head_layers
@@ -213,3 +214,21 @@ def match_pruned_widths(model, state_dict):
 def shapes_differ(model, state_dict):
     own = model.state_dict()
     return any(key in own and own[key].shape != value.shape for key, value in state_dict.items())
+
+
+def network_parts(model):
+    """{part: module-name prefix}: each ResNet stage (the whole backbone for other backbones), then DeepLabV3's ASPP
+    and head 3x3 convolution, or LR-ASPP's head. The units of the sensitivity and of a per-part pruning plan."""
+    stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model.backbone, name)]
+    parts = {f"backbone {name}": f"backbone.{name}" for name in stages} or {"backbone": "backbone"}
+    if isinstance(model, LRASPP):
+        parts["LR-ASPP head"] = "classifier"
+    else:
+        parts.update({"ASPP": "classifier.0", "head 3x3 conv": "classifier.1"})
+    return parts
+
+
+def layers_outside(model, prefix):
+    """Every convolution outside `prefix`: ignored by the pruner so only that part loses channels."""
+    return [module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Conv2d) and not (name == prefix or name.startswith(prefix + "."))]

@@ -6,6 +6,7 @@ utils.engine's loop with utils.recipe's optimiser and loaders, latency is utils.
 parameters are those of the deployed network (auxiliary head dropped), as test.py and benchmark.py count.
 """
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 
 from utils import data, model as models
 from utils.checkpoint import build_from_checkpoint, load_weights, make_checkpoint, read_checkpoint, save_atomic
-from utils.cli import UserError, plain_name, require_path
+from utils.cli import UserError, cap_workers, check_batch_memory, plain_name, require_path, resolve_device
 from utils.distributed import DistContext
 from utils.engine import EvalSettings, TrainStep, evaluate, train_one_epoch
 from utils.files import refuse_existing
@@ -117,6 +118,107 @@ def endless_batches(loader):
             yield images, masks
 
 
+@dataclass(frozen=True)
+class PruneOptions:
+    """How channels are ranked and removed, and the fine-tuning recipe between steps: what prune_in_steps,
+    finetune and prepare_data read, under torchvision_pruning.py's option names (the study builds one per
+    (variant, seed); --finetune_epochs here is the fine-tuning after each step). Checked and normalised when made:
+    the criterion's canonical spelling, --workers capped at the usable CPUs."""
+    importance_type: str
+    p_value: int
+    pruning_ratio: float | None
+    iterative_steps: int
+    global_pruning: bool
+    round_to: int | None
+    finetune_epochs: int
+    calib_batches: int
+    calib_mode: str
+    seed: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    workers: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "importance_type", importance_name(self.importance_type))
+        make_importance(self.importance_type, self.p_value)  # checks --p_value
+        if self.pruning_ratio is not None:
+            ratio_fraction(self.pruning_ratio)
+        at_least(self, iterative_steps=1, calib_batches=1, finetune_epochs=0, workers=0, batch_size=1)
+        train_mode = self.finetune_epochs > 0 or (self.importance_type == "Taylor" and self.calib_mode == "train")
+        if train_mode and self.batch_size < 2:
+            raise UserError(f"--batch_size must be at least 2 for BatchNorm in train mode, got {self.batch_size}")
+        if self.round_to is not None and self.round_to < 1:
+            raise UserError(f"--round_to must be a positive number of channels, got {self.round_to}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        object.__setattr__(self, "workers", cap_workers(self.workers))
+
+
+def at_least(options, **lowest):
+    """One-line UserError for the first option of `options` below its lowest value."""
+    for option, bound in lowest.items():
+        if getattr(options, option) < bound:
+            raise UserError(f"--{option} must be at least {bound}, got {getattr(options, option)}")
+
+
+@dataclass(frozen=True)
+class TuningData:
+    """The data of pruning: --data (Taylor gradients, fine-tuning) in --crop_size crops under --loss, --val_data
+    (the val mIoU); each optional."""
+    data: str | None
+    val_data: str | None
+    crop_size: int
+    loss: str
+
+    def __post_init__(self):
+        at_least(self, crop_size=8)
+
+
+@dataclass(frozen=True)
+class PruneRun:
+    """torchvision_pruning.py's run: the network to prune, how (`prune`), on what data (`tuning`), what is measured
+    and where it goes. Every check that needs no file happens here, when the options are made; `device` is
+    resolved (auto becomes cpu or cuda)."""
+    prune: PruneOptions
+    tuning: TuningData
+    state_dict: str | None
+    arch: str | None
+    init: str | None
+    allow_pickle: bool
+    output_stride: int | None
+    keep_feature_extract: bool
+    model_name: str | None
+    output_dir: str
+    overwrite: bool
+    save_pickle: bool
+    measure_size: int
+    latency_runs: int
+    device: str
+
+    def __post_init__(self):
+        taylor = self.prune.importance_type == "Taylor"
+        needs_data = [reason for reason, on in (("--importance_type Taylor", taylor),
+                                                ("--finetune_epochs", self.prune.finetune_epochs > 0)) if on]
+        if needs_data and not self.tuning.data:
+            raise UserError(f"{needs_data[0]} needs --data TRAIN_DIR: Taylor importance and fine-tuning use the "
+                            f"real segmentation loss on training images, never random input")
+        if self.prune.pruning_ratio is None:
+            raise UserError("--pruning_ratio is required: the percent of channels to remove")
+        at_least(self, measure_size=32, latency_runs=0)
+        check_batch_memory(self.prune.batch_size, self.tuning.crop_size, "--batch_size x --crop_size")
+        if self.model_name is not None:
+            plain_name(self.model_name, "--model_name")
+        object.__setattr__(self, "device", str(resolve_device(self.device)))
+
+    def flat(self):
+        """The options as one flat dict of option names, as the command line gave them (saved in the checkpoint)."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        nested = {**dataclasses.asdict(values.pop("prune")), **dataclasses.asdict(values.pop("tuning"))}
+        return {**nested, **values}
+
+
 @dataclass
 class PruneData:
     """What the data-driven parts of pruning use: --data (Taylor gradients, fine-tuning) and --val_data."""
@@ -126,17 +228,18 @@ class PruneData:
     val_loader: torch.utils.data.DataLoader | None = None
 
 
-def prepare_data(args, context):
-    """Datasets, loss and the endless calibration batches from --data/--val_data (each optional)."""
+def prepare_data(sources, tuning, context):
+    """Datasets, loss and the endless calibration batches from `sources` (a TuningData: --data and --val_data, each
+    optional), loaded by `tuning`'s (a PruneOptions) batch size, workers and seed."""
     prepared = PruneData()
-    if args.data:
-        prepared.train_set = data.training_set(require_path(args.data, "--data folder", "dir"), args.crop_size)
-        prepared.criterion = make_criterion(args.loss, prepared.train_set, progress=True).to(context.device)
-        prepared.calibration = endless_batches(train_loader(prepared.train_set, args.batch_size, args.workers,
-                                                            args.seed, context))
-    if args.val_data:
-        val_set = data.S2DSDataset(require_path(args.val_data, "--val_data folder", "dir"), data.EvalTransform())
-        prepared.val_loader = eval_loader(val_set, 1, args.workers, context)
+    if sources.data:
+        prepared.train_set = data.training_set(require_path(sources.data, "--data folder", "dir"), sources.crop_size)
+        prepared.criterion = make_criterion(sources.loss, prepared.train_set, progress=True).to(context.device)
+        prepared.calibration = endless_batches(train_loader(prepared.train_set, tuning.batch_size, tuning.workers,
+                                                            tuning.seed, context))
+    if sources.val_data:
+        val_set = data.S2DSDataset(require_path(sources.val_data, "--val_data folder", "dir"), data.EvalTransform())
+        prepared.val_loader = eval_loader(val_set, 1, tuning.workers, context)
     return prepared
 
 
@@ -144,14 +247,16 @@ def validation_miou(model, prepared, device):
     """mIoU on --val_data, or None without it."""
     if prepared.val_loader is None:
         return None
-    return summary_metrics(evaluate(model, prepared.val_loader, device, EvalSettings(data.NUM_CLASSES)).confusion.matrix)["mean_iou"]
+    result = evaluate(model, prepared.val_loader, device, EvalSettings(data.NUM_CLASSES))
+    return summary_metrics(result.confusion.matrix)["mean_iou"]
 
 
-def finetune(model, prepared, args, context, epochs, seed, on_epoch=None):
-    """`epochs` of train.py's loop, optimiser and poly schedule on --data; a fresh optimiser because a pruning
-    step replaces every parameter. on_epoch(epoch) after each epoch."""
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-    loader = train_loader(prepared.train_set, args.batch_size, args.workers, seed, context)
+def finetune(model, prepared, tuning, context, epochs, seed, on_epoch=None):
+    """`epochs` of train.py's loop, optimiser and poly schedule on --data, by `tuning`'s (a PruneOptions) optimizer,
+    lr, weight decay, batch size and workers; a fresh optimiser because a pruning step replaces every parameter.
+    on_epoch(epoch) after each epoch."""
+    optimizer = build_optimizer(model, tuning.optimizer, tuning.lr, tuning.weight_decay)
+    loader = train_loader(prepared.train_set, tuning.batch_size, tuning.workers, seed, context)
     scheduler = poly_scheduler(optimizer, epochs * len(loader))
     for epoch in range(1, epochs + 1):
         train_one_epoch(model, loader, TrainStep(prepared.criterion, optimizer, scheduler), context.device, epoch)
@@ -159,90 +264,89 @@ def finetune(model, prepared, args, context, epochs, seed, on_epoch=None):
             on_epoch(epoch)
 
 
-def prune_in_steps(model, args, prepared, context, on_step, ignored_layers=()):
-    """Reach --pruning_ratio in --iterative_steps steps (Taylor gradients before, fine-tuning after each);
-    on_step(step, percent, seconds, miou_before_finetune) after every step. Returns the pruning history.
+def prune_in_steps(model, options, prepared, context, on_step, ignored_layers=()):
+    """Reach `options`' (a PruneOptions) --pruning_ratio in --iterative_steps steps (Taylor gradients before,
+    fine-tuning after each); on_step(step, percent, seconds, miou_before_finetune) after every step. Returns the
+    pruning history.
 
     A step that removes no channel is an error: frozen or ignored layers would otherwise pass silently.
     ignored_layers are left whole (the study's sensitivity prunes one part at a time).
     """
-    kind = importance_name(args.importance_type)
-    pruner = build_pruner(model, make_importance(kind, args.p_value, args.seed),
-                          ratio_fraction(args.pruning_ratio), args.iterative_steps, args.global_pruning,
-                          args.round_to, ignored_layers)
+    kind = options.importance_type
+    pruner = build_pruner(model, make_importance(kind, options.p_value, options.seed),
+                          ratio_fraction(options.pruning_ratio), options.iterative_steps, options.global_pruning,
+                          options.round_to, ignored_layers)
 
     def gradients():
-        batches = [next(prepared.calibration) for _ in range(args.calib_batches)]
-        taylor_gradients(model, batches, prepared.criterion, context.device, train_mode=args.calib_mode == "train")
+        batches = [next(prepared.calibration) for _ in range(options.calib_batches)]
+        taylor_gradients(model, batches, prepared.criterion, context.device, train_mode=options.calib_mode == "train")
 
-    for step in range(1, args.iterative_steps + 1):
+    for step in range(1, options.iterative_steps + 1):
         started, before = time.perf_counter(), models.count_parameters(model)
         prune_step(pruner, model, gradients if kind == "Taylor" else None)
-        if args.pruning_ratio > 0 and models.count_parameters(model) == before:
-            raise UserError(f"pruning step {step} removed no channel ({kind}, {args.pruning_ratio:g}%): nothing in "
+        if options.pruning_ratio > 0 and models.count_parameters(model) == before:
+            raise UserError(f"pruning step {step} removed no channel ({kind}, {options.pruning_ratio:g}%): nothing in "
                             f"the network could be pruned; check --round_to and the layers left to prune")
-        miou_pruned = validation_miou(model, prepared, context.device) if args.finetune_epochs else None
-        if args.finetune_epochs:
-            finetune(model, prepared, args, context, args.finetune_epochs, args.seed + step)
+        miou_pruned = validation_miou(model, prepared, context.device) if options.finetune_epochs else None
+        if options.finetune_epochs:
+            finetune(model, prepared, options, context, options.finetune_epochs, options.seed + step)
         on_step(step, round(100 * pruner.per_step_pruning_ratio[step], 2), time.perf_counter() - started,
                 miou_pruned)
     return json_history(pruner.pruning_history())
 
 
-def run(args):
-    """Load, prune in --iterative_steps, score, time dense against pruned, save."""
-    kind = importance_name(args.importance_type)
-    make_importance(kind, args.p_value)
-    ratio_fraction(args.pruning_ratio)
-    context = DistContext(device=torch.device(args.device))
-    seed_everything(args.seed)
-    model, arch, earlier_history, source = load_for_pruning(args.state_dict, args.arch, args.init,
-                                                            args.allow_pickle, args.output_stride)
-    paths = output_paths(args.output_dir,
-                         args.model_name or default_model_name(arch, kind, args.p_value, args.pruning_ratio))
+def run(options):
+    """Load, prune in --iterative_steps, score, time dense against pruned, save. `options` is a PruneRun."""
+    tuning, context = options.prune, DistContext(device=torch.device(options.device))
+    kind = tuning.importance_type
+    seed_everything(tuning.seed)
+    model, arch, earlier_history, source = load_for_pruning(options.state_dict, options.arch, options.init,
+                                                            options.allow_pickle, options.output_stride)
+    paths = output_paths(options.output_dir, options.model_name or
+                         default_model_name(arch, kind, tuning.p_value, tuning.pruning_ratio))
     # The steps table is written as the steps go: one without its checkpoint is a failed run's, replaced.
-    refuse_existing([paths["checkpoint"]] + ([paths["pickle"]] if args.save_pickle else []),
-                    args.overwrite, "choose another --model_name")
-    if args.keep_feature_extract:
+    refuse_existing([paths["checkpoint"]] + ([paths["pickle"]] if options.save_pickle else []),
+                    options.overwrite, "choose another --model_name")
+    if options.keep_feature_extract:
         models.freeze_all_but_head(model)
     model.to(context.device)
-    prepared = prepare_data(args, context)
-    print(f"pruning {arch} from {source}: {args.pruning_ratio:g}% of channels by {kind} importance"
-          f"{f' (p={args.p_value})' if kind in USES_P_VALUE else ''} in {args.iterative_steps} step(s)"
-          f"{f', {args.finetune_epochs} fine-tuning epoch(s) after each' if args.finetune_epochs else ''}",
+    prepared = prepare_data(options.tuning, tuning, context)
+    print(f"pruning {arch} from {source}: {tuning.pruning_ratio:g}% of channels by {kind} importance"
+          f"{f' (p={tuning.p_value})' if kind in USES_P_VALUE else ''} in {tuning.iterative_steps} step(s)"
+          f"{f', {tuning.finetune_epochs} fine-tuning epoch(s) after each' if tuning.finetune_epochs else ''}",
           flush=True)
     started = time.perf_counter()
     dense = copy.deepcopy(model)  # measured beside the pruned one at the end
-    table = StepTable(paths["steps"], prepared.val_loader is not None, args.finetune_epochs > 0)
-    table.add(0, 0.0, *models.count_macs(model, args.measure_size, context.device), time.perf_counter() - started,
-              validation_miou(model, prepared, context.device))
+    table = StepTable(paths["steps"], prepared.val_loader is not None, tuning.finetune_epochs > 0)
+    table.add(0, 0.0, *models.count_macs(model, options.measure_size, context.device),
+              time.perf_counter() - started, validation_miou(model, prepared, context.device))
 
     def on_step(step, percent, seconds, miou_pruned):
-        macs, params = models.count_macs(model, args.measure_size, context.device)
+        macs, params = models.count_macs(model, options.measure_size, context.device)
         table.add(step, percent, macs, params, seconds, validation_miou(model, prepared, context.device), miou_pruned)
 
-    history = earlier_history + prune_in_steps(model, args, prepared, context, on_step)
-    facts = _measure(dense, model, args, context.device)
+    history = earlier_history + prune_in_steps(model, tuning, prepared, context, on_step)
+    facts = _measure(dense, model, options, context.device)
     del dense
-    extras = {"pruning_ratio": args.pruning_ratio, "importance": kind, "p_value": args.p_value,
-              "iterative_steps": args.iterative_steps, "finetune_epochs": args.finetune_epochs,
-              "global_pruning": args.global_pruning, "round_to": args.round_to, "source": source,
-              "measure_size": args.measure_size, **facts, "steps": table.rows, "args": dict(vars(args))}
-    _save(model, arch, history, extras, paths, args.save_pickle)
-    print(final_line(facts, args.measure_size, context.device), flush=True)
+    extras = {"pruning_ratio": tuning.pruning_ratio, "importance": kind, "p_value": tuning.p_value,
+              "iterative_steps": tuning.iterative_steps, "finetune_epochs": tuning.finetune_epochs,
+              "global_pruning": tuning.global_pruning, "round_to": tuning.round_to, "source": source,
+              "measure_size": options.measure_size, **facts, "steps": table.rows, "args": options.flat()}
+    _save(model, arch, history, extras, paths, options.save_pickle)
+    print(final_line(facts, options.measure_size, context.device), flush=True)
     return paths["checkpoint"]
 
 
-def _measure(dense, pruned, args, device):
+def _measure(dense, pruned, options, device):
     """MACs and parameters of the deployed networks (aux head dropped), and their latency as utils.timing measures
     every latency (BatchNorm folded, warm-up, median of interleaved rounds)."""
     facts = {}
     for prefix, network in (("dense_", dense), ("", pruned)):
-        facts[f"{prefix}macs"], facts[f"{prefix}params"] = models.count_macs(network, args.measure_size, device)
+        facts[f"{prefix}macs"], facts[f"{prefix}params"] = models.count_macs(network, options.measure_size, device)
     facts["dense_latency_seconds"] = facts["latency_seconds"] = None
-    if args.latency_runs:
+    if options.latency_runs:
         facts["dense_latency_seconds"], facts["latency_seconds"] = deployed_latencies(
-            [dense, pruned], args.measure_size, device, args.latency_runs)
+            [dense, pruned], options.measure_size, device, options.latency_runs)
     return facts
 
 

@@ -32,15 +32,16 @@ import torch
 from matplotlib import pyplot as plt
 
 from utils import data, model as models
-from utils.checkpoint import load_for_inference, load_model, make_checkpoint, read_checkpoint, save_atomic
-from utils.cli import UserError, device_name, plain_name, require_path, resolve_device
+from utils.checkpoint import (checkpoint_classes, load_for_inference, load_model, make_checkpoint, read_checkpoint,
+                              save_atomic)
+from utils.cli import UserError, cap_workers, check_batch_memory, device_name, plain_name, require_path, resolve_device
 from utils.distributed import DistContext
 from utils.engine import EvalSettings
 from utils.evaluation import collect_metrics, evaluate_split
 from utils.files import refuse_existing, replace_atomically
-from utils.prune_ops import USES_P_VALUE, importance_name, ratio_fraction
-from utils.pruning import (endless_batches, finetune, load_for_pruning, prepare_data, prune_in_steps,
-                           validation_miou)
+from utils.prune_ops import USES_P_VALUE, importance_name, layers_outside, network_parts, ratio_fraction
+from utils.pruning import (PruneOptions, TuningData, at_least, endless_batches, finetune, load_for_pruning,
+                           prepare_data, prune_in_steps, validation_miou)
 from utils.recipe import seed_everything, train_loader
 from utils.report import Table, write_csv, write_workbook
 from utils.timing import ROUNDS, WARMUP, deployed_latencies
@@ -93,36 +94,43 @@ class StudyOptions:
     seeds: tuple
     output_stride: int | None = None
 
-    @classmethod
-    def from_namespace(cls, args):
-        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+    def __post_init__(self):
+        """Every check that needs no file, before anything is loaded: one line and exit 2 each; --device resolved
+        and --workers capped here, nothing changed later."""
+        plain_name(self.name, "--name")
+        grid = options_grid(self)
+        check_seeds(self.seeds)
+        if any(variant.importance == "Taylor" for variant in grid) and not self.data:
+            raise UserError("--importance_type Taylor needs --data TRAIN_DIR: its ranking uses gradients of the real "
+                            "loss on training images")
+        tuning = self.finetune_epochs > 0 or (self.step_finetune_epochs > 0 and max(self.iterative_steps) > 1)
+        if tuning and not self.data:
+            raise UserError("fine-tuning (--finetune_epochs, --step_finetune_epochs) needs "
+                            "--data TRAIN_DIR; pass --finetune_epochs 0 --step_finetune_epochs 0 to compare untuned")
+        if self.finetune_epochs > 0 and not self.val_data:
+            raise UserError("--finetune_epochs keeps the best epoch by val mIoU and needs --val_data VAL_DIR")
+        if self.sensitivity and not self.val_data:
+            raise UserError("--sensitivity scores each part's pruning on --val_data VAL_DIR; pass it")
+        if not self.sensitivity and not self.test_data:
+            raise UserError("the study scores every variant on --test_data TEST_DIR; pass it")
+        at_least(self, finetune_epochs=0, step_finetune_epochs=0, calib_batches=1, crop_size=8, measure_size=32,
+                 latency_runs=0, workers=0, lt_tolerance=0)
+        if self.batch_size < 2 and self.data:
+            raise UserError(f"--batch_size must be at least 2 for BatchNorm in train mode, got {self.batch_size}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        object.__setattr__(self, "device", str(resolve_device(self.device)))
+        object.__setattr__(self, "workers", cap_workers(self.workers))
+        check_batch_memory(self.batch_size, self.crop_size, "--batch_size x --crop_size")
 
     @property
     def seed(self):
         """The first seed: prepare_data's loaders and the sensitivity runs take one."""
         return self.seeds[0]
 
-
-@dataclass(frozen=True)
-class PruneOptions:
-    """What utils.pruning's prune_in_steps and finetune read for one (variant, seed), under torchvision_pruning.py's
-    option names: --finetune_epochs here is the fine-tuning after each step of a schedule of several steps."""
-    importance_type: str
-    p_value: int
-    pruning_ratio: float
-    iterative_steps: int
-    global_pruning: bool
-    round_to: int | None
-    finetune_epochs: int
-    calib_batches: int
-    calib_mode: str
-    seed: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    batch_size: int
-    workers: int
+    @property
+    def tuning_data(self):
+        return TuningData(self.data, self.val_data, self.crop_size, self.loss)
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,9 @@ def run_name(variant_name, seed):
 
 
 def prune_options(options, variant, seed):
-    """torchvision_pruning.py's options for one variant and seed, from the study's."""
+    """torchvision_pruning.py's options for one variant and seed, from the study's (variant None: the dense twin's
+    recipe, nothing pruned)."""
+    variant = variant or Variant("Magnitude", None, 0.0, 1)
     return PruneOptions(
         importance_type=variant.importance, p_value=variant.p_value or 2, pruning_ratio=variant.ratio,
         iterative_steps=variant.steps, global_pruning=options.global_pruning, round_to=options.round_to,
@@ -199,37 +209,6 @@ def variant_grid(importance_type, p_value, pruning_ratio, iterative_steps):
 
 def options_grid(options):
     return variant_grid(options.importance_type, options.p_value, options.pruning_ratio, options.iterative_steps)
-
-
-def check_args(args):
-    """Every check that needs no file, before anything is loaded: one line and exit 2 each."""
-    plain_name(args.name, "--name")
-    grid = variant_grid(args.importance_type, args.p_value, args.pruning_ratio, args.iterative_steps)
-    check_seeds(args.seeds)
-    if any(variant.importance == "Taylor" for variant in grid) and not args.data:
-        raise UserError("--importance_type Taylor needs --data TRAIN_DIR: its ranking uses gradients of the real "
-                        "loss on training images")
-    tuning = args.finetune_epochs > 0 or (args.step_finetune_epochs > 0 and max(args.iterative_steps) > 1)
-    if tuning and not args.data:
-        raise UserError("fine-tuning (--finetune_epochs, --step_finetune_epochs) needs "
-                        "--data TRAIN_DIR; pass --finetune_epochs 0 --step_finetune_epochs 0 to compare untuned")
-    if args.finetune_epochs > 0 and not args.val_data:
-        raise UserError("--finetune_epochs keeps the best epoch by val mIoU and needs --val_data VAL_DIR")
-    if args.sensitivity and not args.val_data:
-        raise UserError("--sensitivity scores each part's pruning on --val_data VAL_DIR; pass it")
-    if not args.sensitivity and not args.test_data:
-        raise UserError("the study scores every variant on --test_data TEST_DIR; pass it")
-    for option, lowest in (("finetune_epochs", 0), ("step_finetune_epochs", 0), ("calib_batches", 1),
-                           ("crop_size", 8), ("measure_size", 32), ("latency_runs", 0), ("workers", 0),
-                           ("lt_tolerance", 0)):
-        if getattr(args, option) < lowest:
-            raise UserError(f"--{option} must be at least {lowest}, got {getattr(args, option)}")
-    if args.batch_size < 2 and args.data:
-        raise UserError(f"--batch_size must be at least 2 for BatchNorm in train mode, got {args.batch_size}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    args.device = str(resolve_device(args.device))
-    return grid
 
 
 def study_settings(options):
@@ -319,14 +298,17 @@ def finetune_best(model, prepared, tuning, context, epochs):
 
 def score_checkpoint(path, test_set, options):
     """test.py's numbers for a checkpoint: the same loading, BatchNorm folding, loop and metric code."""
-    model, _ = load_for_inference(path, device=options.device, allow_pickle=options.allow_pickle)
+    model, metadata = load_for_inference(path, device=options.device, allow_pickle=options.allow_pickle)
+    classes = checkpoint_classes(metadata, path)
     model = models.strip_aux_head(model)
     models.fold_batchnorm(model.eval())
-    settings = EvalSettings(data.NUM_CLASSES, tolerance_px=options.lt_tolerance)
+    settings = EvalSettings(classes.num_classes, tolerance_px=options.lt_tolerance, crack_id=classes.crack_id)
     result = evaluate_split(model, test_set, torch.device(options.device), settings, 1, options.workers)
-    _, scores, lt = collect_metrics(result, options.lt_tolerance)
-    return {"test_miou": float(scores["mean_iou"]), "crack_iou": float(scores["iou"][data.CRACK_ID]),
-            "crack_tolerance_f1": float(lt["lt_f1"])}
+    _, scores, lt = collect_metrics(result, options.lt_tolerance, classes.crack_id)
+    crack = classes.crack_id
+    return {"test_miou": float(scores["mean_iou"]),
+            "crack_iou": float(scores["iou"][crack]) if crack is not None else float("nan"),
+            "crack_tolerance_f1": float(lt["lt_f1"]) if crack is not None else float("nan")}
 
 
 @dataclass
@@ -369,7 +351,7 @@ def prune_variant(variant, seed, study, path):
     """Prune (variant None: the dense twin, not pruned), fine-tune (best epoch) and save one run; its facts."""
     options, device = study.options, study.context.device
     model = copy.deepcopy(study.dense).to(device)
-    tuning = prune_options(options, variant or Variant("Magnitude", None, 0.0, 1), seed)
+    tuning = prune_options(options, variant, seed)
     prepared = seeded_data(study.prepared, seed, options, study.context)
     seed_everything(seed)
     history = study.history
@@ -442,16 +424,16 @@ def set_up(options):
     dense, arch, history, source = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle,
                                                     stride=options.output_stride)
     dense.to(context.device)
-    prepared = prepare_data(options, context)
+    prepared = prepare_data(options.tuning_data, prune_options(options, None, options.seed), context)
     study = Study(options, folder, manifest, context, prepared, dense, arch, history, source)
     if options.test_data:
         study.test_set = data.S2DSDataset(options.test_data, data.EvalTransform(), require_labels=True)
     return study
 
 
-def run(args):
-    """study.py: the grid (or, with --sensitivity, the per-part sensitivity), resumable; returns the per-seed rows."""
-    options = StudyOptions.from_namespace(args)
+def run(options):
+    """study.py: the grid (or, with --sensitivity, the per-part sensitivity), resumable; returns the per-seed rows.
+    `options` is a StudyOptions."""
     grid = options_grid(options)
     study = set_up(options)
     if options.sensitivity:
@@ -703,21 +685,6 @@ def plot_study(summary, path, title, size, device_type):
 
 
 # --- sensitivity: one part of the network pruned at a time, no fine-tuning ---------------------------------
-
-def network_parts(model):
-    """{part: module-name prefix}: each ResNet stage (the whole backbone for other backbones), the ASPP and the
-    head's 3x3 convolution."""
-    stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model.backbone, name)]
-    parts = {f"backbone {name}": f"backbone.{name}" for name in stages} or {"backbone": "backbone"}
-    parts.update({"ASPP": "classifier.0", "head 3x3 conv": "classifier.1"})
-    return parts
-
-
-def layers_outside(model, prefix):
-    """Every convolution outside `prefix`: ignored by the pruner so only that part loses channels."""
-    return [module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Conv2d) and not (name == prefix or name.startswith(prefix + "."))]
-
 
 def sensitivity_row(study, variant, part, prefix):
     model = copy.deepcopy(study.dense).to(study.context.device)
