@@ -222,3 +222,18 @@ def test_cell_text():
         "-", "-", "True", "text", "12,345", "0.50", "3"]
     assert cell_text(0.12345, percent=True) == "12.35%" and cell_text(NAN, percent=True, na="n/a") == "n/a"
     assert cell_text(2 / 3, digits=4) == "0.6667"
+
+
+def test_a_wider_record_gives_its_row_and_a_change_prints_with_its_spread():
+    schema = Schema("changes", (Column("variant", "variant"),
+                                Column("change", "mIoU change", percent=True, signed=True, spread="spread"),
+                                Column("spread", "mIoU change spread", percent=True)))
+    record = {"variant": "taylor", "change": 0.005, "spread": 0.0212, "family": "Taylor"}  # family: not shown
+    assert schema.taken(record) == {"variant": "taylor", "change": 0.005, "spread": 0.0212}
+    with pytest.raises(KeyError, match="'changes' needs spread"):
+        schema.taken({"variant": "taylor", "change": 0.005})
+    rows = [schema.taken(record), schema.row(variant="one seed", change=-0.2, spread=NAN)]
+    assert schema.format(rows, keys=("variant", "change")).splitlines() == [
+        "variant      mIoU change", "taylor    +0.50% ± 2.12%", "one seed         -20.00%"]
+    with pytest.raises(KeyError, match="no column 'sprd'"):  # a spread naming no column fails when declared
+        Schema("bad", (Column("change", "change", spread="sprd"),))

@@ -183,7 +183,9 @@ class Column:
     `key` names it in code, `header` (plus ` (unit)` when `unit` is given) in CSV and Excel; `percent`: a
     fraction stored as such and shown as a percentage; `digits`: decimals printed; `label`: a shorter printed
     heading; `width`: the least width it takes in a printed table; `na`: printed for NaN (None is always "-",
-    a value that was not measured); `optional`: a row may leave it out (the crack columns of a set without cracks).
+    a value that was not measured); `optional`: a row may leave it out (the crack columns of a set without cracks);
+    `signed`: printed with its sign (a change); `spread`: the key of the column holding this value's spread, printed
+    beside it as "value ± spread".
     """
     key: str
     header: str
@@ -194,6 +196,8 @@ class Column:
     width: int = 0
     na: str = "-"
     optional: bool = False
+    signed: bool = False
+    spread: str | None = None
 
     def __post_init__(self):
         if not self.key or not self.header:
@@ -206,13 +210,17 @@ class Column:
         """The column's name in CSV and Excel."""
         return f"{self.header} ({self.unit})" if self.unit else self.header
 
-    def text(self, value):
-        return cell_text(value, self.percent, self.digits, self.na)
+    def text(self, value, spread=None):
+        """The value as printed (with its spread when one is given and finite)."""
+        text = cell_text(value, self.percent, self.digits, self.na, self.signed)
+        if spread is not None and cell_text(spread) != "-":
+            text += f" ± {cell_text(spread, self.percent, self.digits, self.na)}"
+        return text
 
 
-def cell_text(value, percent=False, digits=2, na="-"):
+def cell_text(value, percent=False, digits=2, na="-", signed=False):
     """A value as printed: a fraction in percent with `digits` decimals, thousands separated, None as "-",
-    NaN as `na`; text as it is."""
+    NaN as `na`, with a + before a positive change when `signed`; text as it is."""
     if isinstance(value, (np.integer, np.floating, np.bool_)):
         value = value.item()
     if value is None:
@@ -221,9 +229,10 @@ def cell_text(value, percent=False, digits=2, na="-"):
         return na
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
+    sign = "+" if signed else ""
     if percent:
-        return f"{100 * value:.{digits}f}%"
-    return f"{value:,d}" if isinstance(value, int) else f"{value:,.{digits}f}"
+        return f"{100 * value:{sign}.{digits}f}%"
+    return f"{value:{sign},d}" if isinstance(value, int) else f"{value:{sign},.{digits}f}"
 
 
 class Schema:
@@ -238,6 +247,9 @@ class Schema:
             if repeated:
                 raise ValueError(f"table {name!r} declares the {attribute}(s) {', '.join(repeated)} twice")
         self._by_key = {column.key: column for column in self.columns}
+        for column in self.columns:
+            if column.spread is not None:
+                self.column(column.spread)
 
     def __repr__(self):
         return f"Schema({self.name!r}, {[column.key for column in self.columns]})"
@@ -262,6 +274,14 @@ class Schema:
         if missing:
             raise KeyError(f"a row of table {self.name!r} lacks {', '.join(missing)}")
         return {column.key: values[column.key] for column in self.columns if column.key in values}
+
+    def taken(self, record):
+        """The row of this table in a wider record (a run's facts): every column taken from it, so a column the
+        record lacks is a KeyError rather than a "-" in a report; keys the table does not show are left behind."""
+        missing = [column.key for column in self.columns if column.key not in record and not column.optional]
+        if missing:
+            raise KeyError(f"table {self.name!r} needs {', '.join(missing)}, which the record lacks")
+        return self.row({column.key: record[column.key] for column in self.columns if column.key in record})
 
     def present(self, rows):
         """The columns that at least one of `rows` holds (each row checked)."""
@@ -291,7 +311,7 @@ class Schema:
         left-aligned, numbers right-aligned, each column at least its `width`; no trailing spaces."""
         columns = [self.column(key) for key in keys] if keys else self.present(rows)
         rows = [self.row(row) for row in rows]
-        cells = [[column.text(row.get(column.key)) for column in columns] for row in rows]
+        cells = [[column.text(row.get(column.key), row.get(column.spread)) for column in columns] for row in rows]
         if headings:
             cells.insert(0, [column.label or column.heading for column in columns])
         widths = [max([column.width] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
