@@ -237,3 +237,12 @@ def test_a_wider_record_gives_its_row_and_a_change_prints_with_its_spread():
         "variant      mIoU change", "taylor    +0.50% ± 2.12%", "one seed         -20.00%"]
     with pytest.raises(KeyError, match="no column 'sprd'"):  # a spread naming no column fails when declared
         Schema("bad", (Column("change", "change", spread="sprd"),))
+
+
+def test_a_scaled_column_prints_its_unit_and_keeps_the_value():
+    schema = Schema("steps", (Column("step", "step", width=4), Column("macs", "macs", label="GMACs", scale=1e-9,
+                                                                            width=9)))
+    row = schema.row(step=1, macs=62_890_000_000)
+    assert schema.format([row], separator=" ").splitlines() == ["step     GMACs", "   1     62.89"]
+    assert schema.format([], separator=" ") == "step     GMACs"  # the heading alone, for a table printed as it grows
+    assert schema.frame([row])["macs"].tolist() == [62_890_000_000]

@@ -185,7 +185,8 @@ class Column:
     heading; `width`: the least width it takes in a printed table; `na`: printed for NaN (None is always "-",
     a value that was not measured); `optional`: a row may leave it out (the crack columns of a set without cracks);
     `signed`: printed with its sign (a change); `spread`: the key of the column holding this value's spread, printed
-    beside it as "value ± spread".
+    beside it as "value ± spread"; `scale`: the printed value is the value times this (1e-9: MACs printed as GMACs),
+    CSV and Excel keep the value itself.
     """
     key: str
     header: str
@@ -198,6 +199,7 @@ class Column:
     optional: bool = False
     signed: bool = False
     spread: str | None = None
+    scale: float = 1
 
     def __post_init__(self):
         if not self.key or not self.header:
@@ -212,10 +214,15 @@ class Column:
 
     def text(self, value, spread=None):
         """The value as printed (with its spread when one is given and finite)."""
-        text = cell_text(value, self.percent, self.digits, self.na, self.signed)
+        text = cell_text(self._scaled(value), self.percent, self.digits, self.na, self.signed)
         if spread is not None and cell_text(spread) != "-":
-            text += f" ± {cell_text(spread, self.percent, self.digits, self.na)}"
+            text += f" ± {cell_text(self._scaled(spread), self.percent, self.digits, self.na)}"
         return text
+
+    def _scaled(self, value):
+        if self.scale == 1 or isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            return value
+        return value * self.scale
 
 
 def cell_text(value, percent=False, digits=2, na="-", signed=False):
@@ -307,9 +314,10 @@ class Schema:
         return Table(self.frame(rows), title=title, percent_columns=self.percent_headings)
 
     def format(self, rows, keys=None, headings=True, separator="  "):
-        """The one printed table: fixed-width text of `keys` (all present columns by default); text columns
-        left-aligned, numbers right-aligned, each column at least its `width`; no trailing spaces."""
-        columns = [self.column(key) for key in keys] if keys else self.present(rows)
+        """The one printed table: fixed-width text of `keys` (by default the columns the rows hold, or all of them
+        for the headings alone); text columns left-aligned, numbers right-aligned, each column at least its
+        `width` (so a table printed a row at a time stays aligned); no trailing spaces."""
+        columns = [self.column(key) for key in keys] if keys else self.present(rows) if rows else self.columns
         rows = [self.row(row) for row in rows]
         cells = [[column.text(row.get(column.key), row.get(column.spread)) for column in columns] for row in rows]
         if headings:
