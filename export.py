@@ -10,9 +10,10 @@ check runs the file in onnxruntime and prints the largest absolute logit differe
 of pixels whose class agrees; exit status 1 when they are outside tolerance (float32: 1e-3 and
 99.9%; float16: 98% agreement). Then it prints the trtexec line that builds the TensorRT engine.
 
---int8 also writes <output stem>_int8.onnx: onnxruntime's static quantisation in QDQ format (int8 weights
-per channel, int8 activations with ranges calibrated on --calib_images images of the split --calib_data,
-read as in training and resized to --size), and prints the share of pixels whose class it predicts as the
+--int8 also writes <output stem>_int8.onnx: onnxruntime's static quantisation in QDQ format (int8 weights,
+one scale per tensor, or per output channel with --int8_weights per_channel, 7-bit with --int8_reduce_range;
+int8 activations with ranges calibrated on --calib_images images of the split --calib_data, read as in
+training and resized to --size), and prints the share of pixels whose class it predicts as the
 float32 graph does, and its mIoU against the float32 predictions, on every image of that split.
 """
 import argparse
@@ -21,6 +22,7 @@ from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_mai
 from utils.deploy import ExportOptions, run_export
 from utils.model import add_output_stride_option
 from utils.options import add_allow_pickle, add_output_options, add_system_options
+from utils.quantize import WEIGHT_SCALES
 
 
 def get_args_parser():
@@ -39,6 +41,11 @@ def get_args_parser():
                         help="split whose Images/ calibrate --int8's activation ranges (e.g. the val split)")
     parser.add_argument("--calib_images", type=int, default=16, metavar="N",
                         help="calibration images, spread over the split (default: %(default)s)")
+    parser.add_argument("--int8_weights", choices=WEIGHT_SCALES, default="per_tensor",
+                        help="--int8's weight scales: one per weight tensor or one per output channel (default: "
+                             "%(default)s, which agreed better with float32 on the demo network: README, step 3b)")
+    add_bool(parser, "--int8_reduce_range", False, "--int8 with 7-bit weights: no int16 saturation in the int8 "
+                                                   "multiply-add of x86 CPUs without VNNI (avx2 only)")
     add_allow_pickle(parser)
     add_output_stride_option(parser)
     add_output_options(parser, "an existing --output file")

@@ -18,6 +18,7 @@ from conftest import REPO, assert_user_error, run_script
 from utils.cli import UserError
 from utils.deploy import cpu_description
 from utils.onnx_model import OnnxNetwork, onnx_session
+from utils.quantize import Int8Recipe
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,8 @@ def test_benchmark_refuses_an_onnx_graph_of_another_size(exported, tmp_path):
     (["--int8", "--calib_data", "SPLIT", "--opset", "12"], "--int8 needs --opset 13 or later"),
     (["--int8", "--calib_data", "SPLIT", "--calib_images", "0"], "--calib_images must be at least 1"),
     (["--int8", "--calib_data", "MISSING"], "--calib_data split not found"),
+    (["--int8_weights", "per_channel"], "--int8_weights and --int8_reduce_range are only used with --int8"),
+    (["--int8_reduce_range"], "--int8_weights and --int8_reduce_range are only used with --int8"),
 ])
 def test_export_int8_bad_inputs(mobilenet_checkpoint, dataset_dir, tmp_path, flags, fragment):
     flags = [str(dataset_dir / "val") if f == "SPLIT" else str(tmp_path / "nope") if f == "MISSING" else f
@@ -199,3 +202,56 @@ def test_cpu_description_names_the_model_and_the_int8_flags(tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
     text = cpu_description(cpuinfo)
     assert "Test CPU 9000" in text and "flags: avx2 avx512f avx512_vnni (not: avx_vnni amx_int8)" in text
+
+
+# --- how --int8 quantises: the recipe's options reach the written graph ------------------------------------
+
+@pytest.fixture(scope="module")
+def per_channel_7bit(lively_mobilenet_checkpoint, dataset_dir, tmp_path_factory):
+    """The lively network quantised with per-channel weight scales and 7-bit weights (the default graph of
+    `exported` has one scale per weight tensor at full 8-bit range)."""
+    output = tmp_path_factory.mktemp("recipes") / "channels.onnx"
+    printed = _export(lively_mobilenet_checkpoint, output, "--int8", "--calib_data", dataset_dir / "val",
+                      "--calib_images", "2", "--int8_weights", "per_channel", "--int8_reduce_range")
+    return {"graph": onnx.load(str(output.with_name("channels_int8.onnx"))), "printed": printed}
+
+
+def _conv_weights(graph):
+    """(int8 weight, its scale) of every convolution: a quantised weight reaches its Conv through a
+    DequantizeLinear whose inputs are the int8 tensor and its scale."""
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    pairs = []
+    for conv in (node for node in graph.graph.node if node.op_type == "Conv"):
+        dequantize = producers[conv.input[1]]
+        assert dequantize.op_type == "DequantizeLinear", conv.name
+        pairs.append((initializers[dequantize.input[0]], initializers[dequantize.input[1]]))
+    return pairs
+
+
+def test_int8_weights_per_tensor_by_default_and_per_channel_with_7_bits_on_request(exported, per_channel_7bit):
+    default = _conv_weights(onnx.load(str(exported["int8"])))
+    channels = _conv_weights(per_channel_7bit["graph"])
+    assert default and all(scale.ndim == 0 for _, scale in default)  # one scale per weight tensor
+    assert all(scale.shape == (weight.shape[0],) for weight, scale in channels)  # one per output channel
+    assert all(weight.dtype == np.int8 for weight, _ in default + channels)
+    widest = {name: max(int(np.abs(weight.astype(np.int32)).max()) for weight, _ in pairs)
+              for name, pairs in (("default", default), ("channels", channels))}
+    assert widest["default"] == 127 and widest["channels"] <= 64  # --int8_reduce_range: 7-bit weights
+    assert "int8: QDQ, int8 weights per-tensor, int8 activations symmetric, MinMax calibration" in exported["printed"]
+    assert ("int8: QDQ, 7-bit (reduced range) int8 weights per-channel, int8 activations symmetric, MinMax "
+            "calibration" in per_channel_7bit["printed"])
+    assert re.search(r"pixel agreement [\d.]+% \((meets|is BELOW) the 98% target\)", per_channel_7bit["printed"])
+
+
+def test_export_int8_weights_bad_value_exits_2_with_one_line(mobilenet_checkpoint, dataset_dir, tmp_path):
+    result = run_script(REPO / "export.py", mobilenet_checkpoint, "--output", tmp_path / "m.onnx", "--int8",
+                        "--calib_data", dataset_dir / "val", "--int8_weights", "per_row")
+    assert_user_error(result, "--int8_weights", "invalid choice: 'per_row'")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_recipe_is_checked_when_made():
+    assert Int8Recipe() == Int8Recipe("per_tensor", False)
+    with pytest.raises(UserError, match="--int8_weights must be one of per_tensor, per_channel, got 'per_row'"):
+        Int8Recipe(int8_weights="per_row")

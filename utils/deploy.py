@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from utils.files import refuse_existing, replace_atomically
 from utils.model import count_macs, fold_batchnorm, forward_logits, strip_aux_head
 from utils.onnx_model import (INPUT_NAME, OUTPUT_NAME, OnnxNetwork, facts_metadata, is_onnx_path, onnx_input,
                               onnx_session)
-from utils.quantize import (QUANTISATION, calibration_feeds, calibration_set, check_calibration_split,
+from utils.quantize import (Int8Recipe, calibration_feeds, calibration_set, check_calibration_split,
                             prediction_agreement, quantize_int8)
 from utils.report import write_csv
 from utils.timing import WARMUP, forward_times, interleaved_times, time_calls
@@ -156,24 +156,25 @@ def _print_parity(rows):
               f"{100 * row['argmax_agreement']:.3f}%")
 
 
-def export_int8(fp32_path, output, facts, calib_data, calib_images, size, device="cpu"):
-    """Quantise the float32 graph at fp32_path to `output` (QDQ INT8, utils.quantize), calibrated on up to
-    calib_images images of the split calib_data at size x size, and print how far its predictions agree with
-    the float32 graph's on every image of that split."""
+def export_int8(fp32_path, facts, options):
+    """Quantise the float32 graph at fp32_path to int8_path(fp32_path) (QDQ INT8 by options.int8_recipe,
+    utils.quantize), calibrated on up to options.calib_images images of the split options.calib_data at the
+    export size, and print how far its predictions agree with the float32 graph's on every image of that split."""
+    output, size, device = int8_path(fp32_path), options.size, options.device
     reference = onnx_session(fp32_path, device)
     batch = reference.get_inputs()[0].shape[0]
     batch = batch if isinstance(batch, int) else 1
-    dataset = calibration_set(calib_data, size)
-    feeds = calibration_feeds(dataset, calib_images, size, batch, reference)
+    dataset = calibration_set(options.calib_data, size)
+    feeds = calibration_feeds(dataset, options.calib_images, size, batch, reference)
     seconds = []
 
     def write(temporary):
-        seconds.append(quantize_int8(fp32_path, temporary, feeds))
+        seconds.append(quantize_int8(fp32_path, temporary, feeds, options.int8_recipe))
         add_facts(temporary, {**facts, "precision": "int8"})
 
     replace_atomically(str(output), write)
-    print(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MB, int8: {QUANTISATION}; calibrated on "
-          f"{len(feeds) * batch} image(s) of {dataset.root} at {size}x{size}) in {seconds[0]:.1f} s")
+    print(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MB, int8: {options.int8_recipe.describe()}; "
+          f"calibrated on {len(feeds) * batch} image(s) of {dataset.root} at {size}x{size}) in {seconds[0]:.1f} s")
     agreement = prediction_agreement(reference, onnx_session(output, device), dataset, size, batch,
                                      facts["num_classes"])
     verdict = "meets" if agreement["pixel_agreement"] >= INT8_TARGET_AGREEMENT else "is BELOW"
@@ -193,7 +194,8 @@ def _resolved_device(spec):
 class ExportOptions:
     """What export.py's run needs, checked when made: the checkpoint and the graph's file (`output`; None:
     OUTPUT_DIR/export/<checkpoint name>.onnx, see onnx_path), its input (size x size, batch, free axes with
-    `dynamic`), opset and precision, and with `int8` the split and image count that calibrate the INT8 graph."""
+    `dynamic`), opset and precision, and with `int8` the split and image count that calibrate the INT8 graph
+    and how it is quantised (int8_recipe: utils.quantize.Int8Recipe)."""
     checkpoint: str
     output: str | None = None
     output_dir: str = "results"
@@ -206,6 +208,7 @@ class ExportOptions:
     int8: bool = False
     calib_data: str | None = None
     calib_images: int = 16
+    int8_recipe: Int8Recipe = field(default_factory=Int8Recipe)
     allow_pickle: bool = False
     output_stride: int | None = None
     device: torch.device | str = "auto"
@@ -235,6 +238,9 @@ class ExportOptions:
                             "calibrate the activation ranges on")
         if self.calib_data and not self.int8:
             raise UserError("--calib_data is only used with --int8; add --int8 or drop --calib_data")
+        if self.int8_recipe != Int8Recipe() and not self.int8:
+            raise UserError("--int8_weights and --int8_reduce_range are only used with --int8; add --int8 or drop "
+                            "them")
         if self.int8 and self.opset < 13:
             raise UserError(f"--int8 needs --opset 13 or later (per-channel QuantizeLinear), got {self.opset}")
         if self.calib_images < 1:
@@ -285,7 +291,7 @@ def run_export(options):
         sys.exit(1)
     print("parity check passed")
     if options.int8:
-        export_int8(output, int8_path(output), facts, options.calib_data, options.calib_images, size, device)
+        export_int8(output, facts, options)
     print("build the TensorRT engine on the Jetson itself (engines are specific to the device):")
     print(f"  {trtexec_command(output, size, options.dynamic)}")
     if options.int8:
