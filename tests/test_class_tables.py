@@ -10,6 +10,7 @@ from PIL import Image
 
 import inference
 import test as test_script
+import torchvision_pruning
 import train
 from conftest import assert_user_error, run_script
 from utils.checkpoint import checkpoint_classes, load_model
@@ -73,3 +74,16 @@ def test_masks_and_figures_use_the_checkpoints_colours(binary_run, tmp_path):
     np.testing.assert_array_equal(rgb[ids == 1], np.full(((ids == 1).sum(), 3), 255))  # crack is white here
     np.testing.assert_array_equal(rgb[ids == 0], np.zeros(((ids == 0).sum(), 3)))
     assert (tmp_path / "inference" / f"{photo.stem}_binary_overlay.png").is_file()
+
+
+def test_pruning_keeps_the_classes_and_refuses_data_of_others(binary_run, dataset_dir, tmp_path):
+    data_dir, out = binary_run
+    best = out / "runs" / "binary" / "best.pth"
+    common = ["--state_dict", str(best), "--pruning_ratio", "30", "--latency_runs", "0", "--measure_size", "64",
+              "--device", "cpu", "--workers", "0", "--output_dir", str(tmp_path)]
+    torchvision_pruning.main([*common, "--val_data", str(data_dir / "val"), "--model_name", "binary_30"])
+    model, metadata = load_model(tmp_path / "pruned" / "binary_30.pth")
+    assert checkpoint_classes(metadata).names == ("background", "crack")
+    assert model(torch.zeros(1, 3, 64, 64))["out"].shape[1] == 2
+    result = run_script("torchvision_pruning.py", *common, "--val_data", dataset_dir / "val", "--model_name", "other")
+    assert_user_error(result, "predicts 2 classes", "has 7")

@@ -41,7 +41,7 @@ from utils.evaluation import collect_metrics, evaluate_split
 from utils.files import refuse_existing, replace_atomically
 from utils.prune_ops import USES_P_VALUE, importance_name, layers_outside, network_parts, ratio_fraction
 from utils.pruning import (PruneOptions, TuningData, at_least, endless_batches, finetune, load_for_pruning,
-                           prepare_data, prune_in_steps, validation_miou)
+                           prepare_data, prune_in_steps, require_classes, validation_miou)
 from utils.recipe import seed_everything, train_loader
 from utils.report import Table, write_csv, write_workbook
 from utils.timing import ROUNDS, WARMUP, deployed_latencies
@@ -323,6 +323,7 @@ class Study:
     arch: str
     history: list
     source: str
+    classes: data.ClassTable = data.S2DS_CLASSES
     test_set: object = None
 
 
@@ -369,7 +370,7 @@ def prune_variant(variant, seed, study, path):
         "iterative_steps": variant.steps, "finetune_epochs": tuning.finetune_epochs,
         "global_pruning": options.global_pruning, "round_to": options.round_to}
     save_atomic(make_checkpoint(
-        model, study.arch, pruning=history or None, **pruning, source=study.source, measure_size=options.measure_size,
+        model, study.arch, study.classes, pruning=history or None, **pruning, source=study.source, measure_size=options.measure_size,
         study={"name": options.name, "digest": study.manifest["digest"], "seed": seed, **facts}), path)
     return facts
 
@@ -421,13 +422,17 @@ def set_up(options):
     save_manifest(folder, manifest)
     context = DistContext(device=torch.device(options.device))
     seed_everything(options.seed)
-    dense, arch, history, source = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle,
-                                                    stride=options.output_stride)
+    dense, arch, history, source, classes = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle,
+                                                             stride=options.output_stride)
     dense.to(context.device)
     prepared = prepare_data(options.tuning_data, prune_options(options, None, options.seed), context)
-    study = Study(options, folder, manifest, context, prepared, dense, arch, history, source)
+    require_classes(prepared, classes, source)
+    study = Study(options, folder, manifest, context, prepared, dense, arch, history, source, classes)
     if options.test_data:
         study.test_set = data.S2DSDataset(options.test_data, data.EvalTransform(), require_labels=True)
+        if study.test_set.classes != classes:
+            raise UserError(f"{source} predicts {', '.join(classes.names)} but --test_data {options.test_data} has "
+                            f"{', '.join(study.test_set.classes.names)}; use data of the network's classes")
     return study
 
 
