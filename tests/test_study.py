@@ -17,7 +17,7 @@ from utils import data, model as models
 from utils.cli import UserError
 from utils.losses import SegmentationLoss
 from utils.pruning import PruneData, PruneOptions, prune_in_steps
-from utils.study import layers_outside, network_parts, summary_rows, table_rows, variant_grid
+from utils.study import format_table, layers_outside, network_parts, summary_rows, table_rows, variant_grid
 
 
 def study_command(checkpoint, dataset_dir, out, name="grid", ratios=("30", "50")):
@@ -149,7 +149,8 @@ def test_grid_takes_random_as_a_control_without_a_norm():
 def _run(variant, seed, miou, f1, ratio=50.0):
     return {"variant": variant, "run": f"{variant}_seed{seed}", "seed": seed, "criterion": variant, "p_value": None,
             "pruning_ratio": ratio, "steps": 1, "family": variant, "macs": 2e9, "params": 1e6, "best_epoch": 1,
-            "val_miou": miou, "test_miou": miou, "crack_iou": f1, "crack_tolerance_f1": f1}
+            "val_miou": miou, "test_miou": miou, "crack_iou": f1, "crack_tolerance_f1": f1, "latency_ms": 10.0,
+            "speedup": 1.0}
 
 
 def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_within_noise():
@@ -169,6 +170,12 @@ def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_withi
     assert summary["dense_finetuned"]["test_miou_verdict"] == "reference"
     single = summary_rows(table_rows([row for row in rows if row["seed"] == 1]))
     assert {row["test_miou_verdict"] for row in single} == {"reference", "one seed: no spread"}
+    printed = format_table(summary_rows(table)).splitlines()  # mean ± spread, changes signed, in percent
+    assert printed[0].split()[:3] == ["variant", "seeds", "GMACs"] and "mIoU vs dense ft" in printed[0]
+    assert "-0.50% ± 2.12%" in printed[3] and "within noise" in printed[3] and printed[3].startswith("close ")
+    assert "+0.00%" in printed[2] and "reference" in printed[2]
+    with pytest.raises(KeyError, match="latency_ms"):  # a row the table needs a column of is refused, not "-"
+        table_rows([{key: value for key, value in row.items() if key != "latency_ms"} for row in rows])
 
 
 def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):

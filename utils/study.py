@@ -43,7 +43,7 @@ from utils.prune_ops import USES_P_VALUE, importance_name, layers_outside, netwo
 from utils.pruning import (PruneOptions, TuningData, at_least, endless_batches, finetune, load_for_pruning,
                            prepare_data, prune_in_steps, require_classes, validation_miou)
 from utils.recipe import seed_everything, train_loader
-from utils.report import Table, write_csv, write_workbook
+from utils.report import Column, Schema, write_csv, write_workbook
 from utils.timing import ROUNDS, WARMUP, deployed_latencies
 
 MANIFEST = "study.json"
@@ -482,22 +482,21 @@ def add_latency(rows, study):
     return rows
 
 
-# Columns of study.csv (one row per seed): (key, header, is a fraction shown in percent).
-COLUMNS = (("seed", "seed", False), ("criterion", "criterion", False), ("p_value", "p (norm)", False),
-           ("pruning_ratio", "ratio (%)", False), ("steps", "steps", False), ("gmacs", "GMACs", False),
-           ("params_m", "params (M)", False), ("latency_ms", "latency (ms)", False), ("speedup", "speed-up", False),
-           ("test_miou", "test mIoU", True), ("crack_iou", "crack IoU", True),
-           ("crack_tolerance_f1", "crack tolerance F1", True),
-           ("test_miou_change", "mIoU change vs dense fine-tuned", True),
-           ("crack_tolerance_f1_change", "crack tol. F1 change vs dense fine-tuned", True),
-           ("val_miou", "val mIoU (best epoch)", True), ("best_epoch", "best epoch", False),
-           ("variant", "variant", False), ("run", "checkpoint", False))
+# study.csv (headed by key, fractions) and study.xlsx's "per seed" sheet: one row per (variant, seed).
+PER_SEED = Schema("study per seed", (
+    Column("seed", "seed"), Column("criterion", "criterion"), Column("p_value", "p (norm)"),
+    Column("pruning_ratio", "ratio", unit="%"), Column("steps", "steps"), Column("gmacs", "GMACs"),
+    Column("params_m", "params", unit="M"), Column("latency_ms", "latency", unit="ms"), Column("speedup", "speed-up"),
+    Column("test_miou", "test mIoU", percent=True), Column("crack_iou", "crack IoU", percent=True),
+    Column("crack_tolerance_f1", "crack tolerance F1", percent=True),
+    Column("test_miou_change", "mIoU change vs dense fine-tuned", percent=True),
+    Column("crack_tolerance_f1_change", "crack tol. F1 change vs dense fine-tuned", percent=True),
+    Column("val_miou", "val mIoU (best epoch)", percent=True), Column("best_epoch", "best epoch"),
+    Column("variant", "variant"), Column("run", "checkpoint")))
 # The scores summarised as mean and spread over seeds, and the two compared with the dense fine-tuned twin.
 SUMMARISED = ("gmacs", "params_m", "latency_ms", "speedup", "test_miou", "crack_iou", "crack_tolerance_f1",
               "val_miou")
 COMPARED = ("test_miou", "crack_tolerance_f1")
-PERCENT_KEYS = {"test_miou", "crack_iou", "crack_tolerance_f1", "val_miou", "test_miou_change",
-                "crack_tolerance_f1_change"}
 
 
 def table_rows(rows):
@@ -509,7 +508,7 @@ def table_rows(rows):
         twin = twins[row["seed"]]
         row = {**row, "gmacs": row["macs"] / 1e9, "params_m": row["params"] / 1e6,
                **{f"{key}_change": row[key] - twin[key] for key in COMPARED}}
-        out.append({key: row.get(key) for key, _, _ in COLUMNS} | {"family": row["family"]})
+        out.append(PER_SEED.taken(row) | {"family": row["family"]})
     return out
 
 
@@ -551,57 +550,35 @@ def summary_rows(table):
     return out
 
 
-SUMMARY_COLUMNS = (("criterion", "criterion"), ("p_value", "p (norm)"), ("pruning_ratio", "ratio (%)"),
-                   ("steps", "steps"), ("seeds", "seeds"), ("gmacs_mean", "GMACs"), ("params_m_mean", "params (M)"),
-                   ("latency_ms_mean", "latency (ms)"), ("speedup_mean", "speed-up"),
-                   ("speedup_spread", "speed-up spread"), ("test_miou_mean", "test mIoU"),
-                   ("test_miou_spread", "test mIoU spread"), ("crack_iou_mean", "crack IoU"),
-                   ("crack_iou_spread", "crack IoU spread"), ("crack_tolerance_f1_mean", "crack tolerance F1"),
-                   ("crack_tolerance_f1_spread", "crack tolerance F1 spread"),
-                   ("test_miou_change_mean", "mIoU change vs dense fine-tuned"),
-                   ("test_miou_change_spread", "mIoU change spread"), ("test_miou_verdict", "mIoU: vs dense"),
-                   ("crack_tolerance_f1_change_mean", "crack tol. F1 change vs dense fine-tuned"),
-                   ("crack_tolerance_f1_change_spread", "crack tol. F1 change spread"),
-                   ("crack_tolerance_f1_verdict", "crack tol. F1: vs dense"),
-                   ("val_miou_mean", "val mIoU (best epoch)"), ("variant", "variant"))
-
-
-def _is_percent(key):
-    return any(key in (f"{name}_mean", f"{name}_spread") for name in PERCENT_KEYS)
-
-
-def _text(key, value):
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    if _is_percent(key):
-        signed = "_change_" in key or key.endswith("_spread")
-        return f"{100 * value:+.2f}" if signed and not key.endswith("_spread") else f"{100 * value:.2f}"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.2f}"
-    return str(value)
+# study.xlsx's summary sheet and the printed table (its columns, labels and "mean ± spread"): per variant.
+SUMMARY = Schema("study summary", (
+    Column("criterion", "criterion"), Column("p_value", "p (norm)"), Column("pruning_ratio", "ratio", unit="%"),
+    Column("steps", "steps"), Column("seeds", "seeds"), Column("gmacs_mean", "GMACs"),
+    Column("params_m_mean", "params", unit="M"), Column("latency_ms_mean", "latency", unit="ms", label="latency ms"),
+    Column("speedup_mean", "speed-up", spread="speedup_spread"), Column("speedup_spread", "speed-up spread"),
+    Column("test_miou_mean", "test mIoU", percent=True, spread="test_miou_spread"),
+    Column("test_miou_spread", "test mIoU spread", percent=True),
+    Column("crack_iou_mean", "crack IoU", percent=True), Column("crack_iou_spread", "crack IoU spread", percent=True),
+    Column("crack_tolerance_f1_mean", "crack tolerance F1", percent=True, label="crack tol. F1",
+           spread="crack_tolerance_f1_spread"),
+    Column("crack_tolerance_f1_spread", "crack tolerance F1 spread", percent=True),
+    Column("test_miou_change_mean", "mIoU change vs dense fine-tuned", percent=True, signed=True,
+           label="mIoU vs dense ft", spread="test_miou_change_spread"),
+    Column("test_miou_change_spread", "mIoU change spread", percent=True),
+    Column("test_miou_verdict", "mIoU: vs dense", label="mIoU verdict"),
+    Column("crack_tolerance_f1_change_mean", "crack tol. F1 change vs dense fine-tuned", percent=True, signed=True,
+           label="crack F1 vs dense ft", spread="crack_tolerance_f1_change_spread"),
+    Column("crack_tolerance_f1_change_spread", "crack tol. F1 change spread", percent=True),
+    Column("crack_tolerance_f1_verdict", "crack tol. F1: vs dense", label="crack F1 verdict"),
+    Column("val_miou_mean", "val mIoU (best epoch)", percent=True), Column("variant", "variant")))
+PRINTED_SUMMARY = ("variant", "seeds", "gmacs_mean", "latency_ms_mean", "speedup_mean", "test_miou_mean",
+                   "crack_tolerance_f1_mean", "test_miou_change_mean", "test_miou_verdict",
+                   "crack_tolerance_f1_change_mean", "crack_tolerance_f1_verdict")
 
 
 def format_table(summary):
-    """The table printed at the end: mean ± spread over seeds, scores in percent, changes in points."""
-    pairs = [("gmacs_mean", None, "GMACs"), ("latency_ms_mean", None, "latency ms"),
-             ("speedup_mean", "speedup_spread", "speed-up"), ("test_miou_mean", "test_miou_spread", "test mIoU %"),
-             ("crack_tolerance_f1_mean", "crack_tolerance_f1_spread", "crack tol. F1 %"),
-             ("test_miou_change_mean", "test_miou_change_spread", "mIoU vs dense ft (pts)"),
-             ("test_miou_verdict", None, "mIoU verdict"),
-             ("crack_tolerance_f1_change_mean", "crack_tolerance_f1_change_spread", "crack F1 vs dense ft (pts)"),
-             ("crack_tolerance_f1_verdict", None, "crack F1 verdict")]
-    cells = [["variant", "seeds"] + [header for _, _, header in pairs]]
-    for row in summary:
-        line = [row["variant"], str(row["seeds"])]
-        for key, spread, _ in pairs:
-            text = _text(key, row.get(key))
-            if spread is not None and not np.isnan(row.get(spread, np.nan)):
-                text += f" ± {_text(spread, row[spread])}"
-            line.append(text)
-        cells.append(line)
-    widths = [max(len(line[column]) for line in cells) for column in range(len(cells[0]))]
-    return "\n".join("  ".join(f"{cell:<{width}}" if column in (0, 8, 10) else f"{cell:>{width}}"
-                               for column, (cell, width) in enumerate(zip(line, widths))) for line in cells)
+    """The table printed at the end: mean ± spread over seeds; changes are percentage points against the twin."""
+    return SUMMARY.format([SUMMARY.taken(row) for row in summary], keys=PRINTED_SUMMARY)
 
 
 def write_outputs(rows, study):
@@ -610,21 +587,16 @@ def write_outputs(rows, study):
     table = table_rows(rows)
     summary = summary_rows(table)
     folder, options = study.folder, study.options
-    write_csv([{key: row[key] for key, _, _ in COLUMNS} for row in table], folder / "study.csv")
+    write_csv([PER_SEED.taken(row) for row in table], folder / "study.csv")
     write_csv(summary, folder / "study_summary.csv")
-    per_seed = pd.DataFrame(table)[[key for key, _, _ in COLUMNS]].rename(
-        columns={key: header for key, header, _ in COLUMNS})
-    overview = pd.DataFrame(summary)[[key for key, _ in SUMMARY_COLUMNS]].rename(columns=dict(SUMMARY_COLUMNS))
     note = (f"test split {options.test_data}; seeds {', '.join(map(str, options.seeds))}; MACs and latency at "
             f"{options.measure_size}x{options.measure_size} px, batch 1, deployed network, "
             f"{device_name(study.context.device)}; changes are percentage points against the dense network "
             f"fine-tuned like the variants (same epochs, recipe and seed); spread = sample standard deviation over "
             f"seeds; 'within noise' = |mean change| <= the larger spread of the variant and the dense fine-tuned twin")
     write_workbook(str(folder / "study.xlsx"), {
-        "summary": [Table(overview, title=note, percent_columns=tuple(
-            header for key, header in SUMMARY_COLUMNS if _is_percent(key)))],
-        "per seed": [Table(per_seed, title="one row per (variant, seed)", percent_columns=tuple(
-            header for _, header, percent in COLUMNS if percent))]})
+        "summary": [SUMMARY.table([SUMMARY.taken(row) for row in summary], title=note)],
+        "per seed": [PER_SEED.table([PER_SEED.taken(row) for row in table], title="one row per (variant, seed)")]})
     plot_study(summary, folder / "study.png", f"Pruning study {options.name}", options.measure_size,
                study.context.device.type)
     print(format_table(summary))
