@@ -300,7 +300,7 @@ def test_pretrained_weights_take_the_thesis_8_output_state_dict_without_download
     monkeypatch.setattr(models, "build", lambda arch, n, init, aux: inits.append(init) or real_build(arch, n, init, aux))
     network = training.NetworkSpec(arch=MOBILENET, init="coco", aux_loss=True, load_pretrained_weights=str(path),
                                    keep_feature_extract=False, train_pruned_fully=False)
-    model, arch, pruning = training._build_model(network)
+    model, arch, pruning = training._build_model(network, data.S2DS_CLASSES)
     assert inits == ["none"]
     head = model.classifier[4].weight
     assert head.shape[0] == data.NUM_CLASSES
@@ -347,11 +347,11 @@ def test_rgb2gray_that_fails_leaves_nothing_and_reruns(tmp_path, dataset_dir, mo
     calls = []
     real_read_label = commands.read_label
 
-    def fails_on_the_second(path, rgb=None):
+    def fails_on_the_second(path, rgb=None, classes=data.S2DS_CLASSES):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_read_label(path, rgb)
+        return real_read_label(path, rgb, classes)
 
     monkeypatch.setattr(commands, "read_label", fails_on_the_second)
     with pytest.raises(SystemExit) as info:
