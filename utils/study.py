@@ -467,7 +467,9 @@ def add_latency(rows, study):
     deployed network, batch 1, warm-up, median of interleaved rounds, all in this process); speed-up over dense."""
     options = study.options
     if not options.latency_runs:  # not timed: the columns stay, empty
-        return [{**row, "latency_ms": None, "speedup": None} for row in rows]
+        for row in rows:
+            row["latency_ms"] = row["speedup"] = None
+        return rows
     paths = {row["run"]: options.state_dict if row["run"] == DENSE else study.folder / f"{row['run']}.pth"
              for row in rows}
     print(f"timing the dense network and {len(paths) - 1} checkpoint(s) at {options.measure_size} px: {WARMUP} "
