@@ -10,6 +10,14 @@ convolutions are never pruned), in --iterative_steps equal steps, optionally fin
 after each step and scoring on --val_data. Writes OUTPUT_DIR/pruned/NAME.pth (our checkpoint format
 with the pruning history: loads with weights_only=True; train.py --pruned_model and test.py take it)
 and NAME_steps.csv (per step: ratio, MACs, params, val mIoU, seconds).
+
+    python torchvision_pruning.py --target_gmacs 40 --val_data VAL_DIR --state_dict W.pth --model_name NAME
+    python torchvision_pruning.py --plan results/pruned/NAME_plan.json --state_dict W.pth --model_name AGAIN
+
+Pruning to a budget (--target_gmacs or --target_latency_ms, instead of --pruning_ratio) gives each part its own
+ratio: each part cut alone at 10%, 20%, ... 90% is scored on --val_data and measured, then the part whose next
+10% saves the most cost per val mIoU lost is cut, repeatedly, until the budget is met (the last cut bisected to
+the whole percent). The chosen ratios are printed and saved as NAME_plan.json; --plan replays them.
 """
 import argparse
 
@@ -40,13 +48,29 @@ def get_args_parser():
 
     pruning = parser.add_argument_group("pruning")
     add_pruning_options(pruning)
+    # --pruning_ratio or a budget (or a plan): PruneRun refuses none and both in one line
+    next(action for action in pruning._group_actions if action.dest == "pruning_ratio").required = False
     pruning.add_argument("--model_name", default=None,
                          help="output name under OUTPUT_DIR/pruned/ (default: arch_importance_ratio)")
+
+    budget = parser.add_argument_group(
+        "pruning to a budget (instead of --pruning_ratio)",
+        "each part (ResNet stage, ASPP, head 3x3 conv) gets its own ratio, chosen from the val mIoU it loses and the "
+        "cost it saves when cut alone (measured on --val_data in 10% steps), greedily until the budget is met; the "
+        "plan is saved as OUTPUT_DIR/pruned/NAME_plan.json")
+    budget.add_argument("--target_gmacs", type=float, default=None, metavar="G",
+                        help="GMACs of the deployed network at --measure_size to reach (at or below)")
+    budget.add_argument("--target_latency_ms", type=float, default=None, metavar="T",
+                        help="latency in ms to reach, measured on --device at --measure_size as every latency here "
+                             "(deployed network, batch 1, median of --latency_runs interleaved rounds)")
+    budget.add_argument("--plan", metavar="FILE.json", default=None,
+                        help="replay a saved NAME_plan.json: its per-part ratios, no new measurements")
 
     tuning = parser.add_argument_group("data: Taylor gradients, fine-tuning and scoring between steps")
     tuning.add_argument("--data", metavar="TRAIN_DIR",
                         help="training split; required by Taylor and by --finetune_epochs")
-    tuning.add_argument("--val_data", metavar="VAL_DIR", help="score the val mIoU after every step")
+    tuning.add_argument("--val_data", metavar="VAL_DIR",
+                        help="score the val mIoU after every step; needed by --target_gmacs/--target_latency_ms")
     tuning.add_argument("--finetune_epochs", type=int, default=0,
                         help="epochs of fine-tuning on --data after every step; 0 = none, as in the thesis "
                              "(default: %(default)s)")

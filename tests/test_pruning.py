@@ -1,6 +1,7 @@
 """Pruning: torchvision_pruning.py, utils/pruning.py, and pruned files going through train, test and inference."""
 import dataclasses
 import importlib.util
+import json
 import os
 import typing
 
@@ -371,14 +372,15 @@ def test_bad_values_refused(tmp_path, mobilenet_checkpoint, argv, fragment):
     assert not (tmp_path / "pruned").exists()
 
 
-def test_nothing_to_prune_and_other_class_count_refused(tmp_path):
+def test_nothing_to_prune_and_other_class_count_refused(tmp_path, dataset_dir):
     with pytest.raises(UserError, match="--state_dict"):
         prune(tmp_path, "--pruning_ratio", 50)
     five = ClassTable(("background", "a", "b", "c", "crack"),
                       ((0, 0, 0), (0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 255, 255)))
     save_atomic(make_checkpoint(models.build(MOBILENET, 5, init="none"), MOBILENET, five), tmp_path / "five.pth")
-    with pytest.raises(UserError, match="5 classes"):
-        prune(tmp_path, "--pruning_ratio", 50, "--state_dict", tmp_path / "five.pth")
+    with pytest.raises(UserError, match="predicts 5 classes .* has 7"):  # S2DS data for a 5-class network
+        prune(tmp_path, "--pruning_ratio", 50, "--state_dict", tmp_path / "five.pth", "--val_data",
+              dataset_dir / "val")
 
 
 def test_bad_input_as_a_user_runs_it(tmp_path, mobilenet_checkpoint):
@@ -427,3 +429,87 @@ def test_pruned_model_runs_through_inference_py(tmp_path, dataset_dir, pruned_mo
     inference.main(["--state_dict", str(pruned_mobilenet), "--image", str(photo), "--mode", "overlay",
                     "--save_figure", "--device", "cpu", "--output_dir", str(tmp_path)])
     assert (tmp_path / "inference" / f"{photo.stem}_mb_overlay.png").is_file()
+
+
+# --- pruning to a budget: per-part ratios from measured sensitivity and cost -----------------------------------
+
+def test_greedy_plan_cuts_the_part_that_saves_most_per_miou_lost_then_bisects_to_the_budget():
+    """Part a saves 0.5 per percent and costs no accuracy up to 50%, then a lot; b saves 0.3 per percent and
+    costs a little: a goes to 50% first, then b, and the last cut is bisected to the whole percent that meets the
+    target. The real cost here is exactly additive, so the result can be checked by hand."""
+    from utils.pruning import greedy_percents
+
+    rows = [{"prefix": prefix, "pruning_ratio": percent, "cost": 100 - per_percent * percent,
+             "val_miou_drop": drop(percent)}
+            for prefix, per_percent, drop in (("a", 0.5, lambda p: 0.0 if p <= 50 else 0.2),
+                                              ("b", 0.3, lambda p: 0.001 * p))
+            for percent in range(10, 91, 10)]
+    measured = []
+
+    def measure(percents):
+        measured.append(dict(percents))
+        return 100 - 0.5 * percents["a"] - 0.3 * percents["b"]
+
+    percents, cost = greedy_percents(rows, 100.0, 66.8, measure)
+    assert percents == {"a": 50, "b": 28} and cost == pytest.approx(66.6)  # b at 27% would cost 66.9
+    assert measured[0] == {"a": 50, "b": 30}, "measured before the estimate met the budget, or cut in another order"
+
+
+def test_target_gmacs_lands_within_3_percent_at_or_below_and_the_plan_replays(tmp_path, dataset_dir,
+                                                                              mobilenet_checkpoint, capsys,
+                                                                              monkeypatch):
+    from utils import pruning
+
+    monkeypatch.setattr(pruning, "RATIO_STEP", 30)  # 30, 60, 90% per part: a third of the probes of the default 10
+    dense_macs = models.count_macs(load_model(mobilenet_checkpoint)[0], 64)[0]
+    target = round(0.6 * dense_macs / 1e9, 4)
+    path = prune(tmp_path, "--target_gmacs", target, "--val_data", dataset_dir / "val", "--model_name", "budget",
+                 "--state_dict", mobilenet_checkpoint)
+    raw = torch.load(path, weights_only=True)
+    assert 0.97 * target * 1e9 <= raw["macs"] <= target * 1e9, (raw["macs"], target)
+    assert "pruning_ratio" not in raw and raw["target_gmacs"] == target and set(raw["part_ratios"]) == {
+        "backbone", "ASPP", "head 3x3 conv"}
+    plan_path = tmp_path / "pruned" / "budget_plan.json"
+    plan = json.loads(plan_path.read_text())
+    assert [row["pruning_ratio"] for row in plan["sensitivity"]] == [30, 60, 90] * 3 and plan["achieved"]["gmacs"] == pytest.approx(raw["macs"] / 1e9)
+    assert {part: entry["pruning_ratio"] for part, entry in plan["parts"].items()} == raw["part_ratios"]
+    out = capsys.readouterr().out
+    assert "plan: backbone " in out and f"budget: target {target:g} GMACs" in out
+    assert pd.read_csv(tmp_path / "pruned" / "budget_steps.csv")["pruning_ratio"].isna().iloc[1:].all()
+
+    again = prune(tmp_path, "--plan", plan_path, "--model_name", "again", "--state_dict", mobilenet_checkpoint)
+    assert conv_widths(load_model(again)[0]) == conv_widths(load_model(path)[0])
+    assert "sensitivity" not in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("target, fragment", [("1000", "not below the dense network"),
+                                              ("0.00001", "below what pruning reaches")])
+def test_a_budget_above_dense_or_out_of_reach_is_one_line(tmp_path, dataset_dir, mobilenet_checkpoint, target,
+                                                         fragment):
+    result = run_script("torchvision_pruning.py", "--target_gmacs", target, "--val_data", dataset_dir / "val",
+                        "--state_dict", mobilenet_checkpoint, *FAST, "--output_dir", tmp_path)
+    assert_user_error(result, fragment, "--target_gmacs")
+    assert not (tmp_path / "pruned" / f"deeplabv3_mobilenet_v3_large_magnitude_l2_{target}gmacs.pth").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "say how much to prune"),
+    (["--pruning_ratio", "30", "--target_gmacs", "1"], "--pruning_ratio and --target_gmacs contradict"),
+    (["--target_gmacs", "1", "--target_latency_ms", "5", "--val_data", "v"], "contradict each other"),
+    (["--target_gmacs", "1"], "needs --val_data"),
+    (["--target_latency_ms", "-3", "--val_data", "v"], "must be positive"),
+    (["--target_gmacs", "1", "--val_data", "v", "--global_pruning"], "drop --global_pruning"),
+])
+def test_how_much_to_prune_is_said_exactly_once(tmp_path, mobilenet_checkpoint, argv, fragment):
+    with pytest.raises(UserError, match=fragment.replace("-", r"\-")):
+        prune(tmp_path, *argv, "--state_dict", mobilenet_checkpoint)
+
+
+def test_a_plan_that_is_not_one_or_for_another_network_is_refused(tmp_path, mobilenet_checkpoint):
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "cracksense-pruning-plan", "arch": "deeplabv3_resnet101",
+                                                     "parts": {}}))
+    for name, fragment in (("text.json", "is not a pruning plan"), ("other.json", "deeplabv3_resnet101 network"),
+                           ("missing.json", "missing.json")):
+        with pytest.raises(UserError, match=fragment):
+            prune(tmp_path, "--plan", tmp_path / name, "--state_dict", mobilenet_checkpoint)

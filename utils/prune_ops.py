@@ -136,12 +136,15 @@ def ratio_fraction(percent):
 def build_pruner(model, importance, ratio, iterative_steps=1, global_pruning=False, round_to=None,
                  ignored_layers=None):
     """A torch-pruning pruner over the whole network (frozen layers too) that never touches the
-    class-producing convolutions, nor any of `ignored_layers`."""
+    class-producing convolutions, nor any of `ignored_layers`. `ratio` is the fraction removed from every layer,
+    or {module-name prefix: fraction} per part (torch-pruning's pruning_ratio_dict; layers in no part stay whole)."""
+    per_part = isinstance(ratio, dict)
     with fully_traced(model):
         return tp.pruner.BasePruner(
-            model, example_inputs(model), importance, pruning_ratio=ratio, iterative_steps=iterative_steps,
-            ignored_layers=head_layers(model) + list(ignored_layers or ()), global_pruning=global_pruning,
-            round_to=round_to if round_to and round_to > 1 else None)
+            model, example_inputs(model), importance, pruning_ratio=0.0 if per_part else ratio,
+            pruning_ratio_dict={model.get_submodule(prefix): part for prefix, part in ratio.items()} if per_part
+            else None, iterative_steps=iterative_steps, ignored_layers=head_layers(model) + list(ignored_layers or ()),
+            global_pruning=global_pruning, round_to=round_to if round_to and round_to > 1 else None)
 
 
 def prune_step(pruner, model, compute_gradients=None):
