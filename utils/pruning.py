@@ -317,14 +317,15 @@ def finetune(model, prepared, tuning, context, epochs, seed, on_epoch=None):
             on_epoch(epoch)
 
 
-def step_gradients(model, options, prepared, device):
+def step_gradients(model, options, prepared, context):
     """What a pruning step calls first: Taylor's gradients on --calib_batches fresh batches, or None."""
     if options.importance_type != "Taylor":
         return None
 
     def gradients():
         batches = [next(prepared.calibration) for _ in range(options.calib_batches)]
-        taylor_gradients(model, batches, prepared.criterion, device, train_mode=options.calib_mode == "train")
+        taylor_gradients(model, batches, prepared.criterion, context.device,
+                         train_mode=options.calib_mode == "train")
 
     return gradients
 
@@ -346,7 +347,7 @@ def prune_in_steps(model, options, prepared, context, on_step, ignored_layers=()
     amount = "a per-part plan" if part_ratios else f"{options.pruning_ratio:g}%"
     for step in range(1, options.iterative_steps + 1):
         started, before = time.perf_counter(), models.count_parameters(model)
-        prune_step(pruner, model, step_gradients(model, options, prepared, context.device))
+        prune_step(pruner, model, step_gradients(model, options, prepared, context))
         if (any(part_ratios.values()) if part_ratios else options.pruning_ratio > 0) \
                 and models.count_parameters(model) == before:
             raise UserError(f"pruning step {step} removed no channel ({kind}, {amount}): nothing in "
@@ -412,7 +413,7 @@ class PlanProbe:
         pruner = build_pruner(network, make_importance(tuning.importance_type, tuning.p_value, tuning.seed),
                               {prefix: percent / 100 for prefix, percent in percents.items()}, 1, False,
                               tuning.round_to)
-        prune_step(pruner, network, step_gradients(network, tuning, self.prepared, self.context.device))
+        prune_step(pruner, network, step_gradients(network, tuning, self.prepared, self.context))
         return network
 
     def cost(self, percents):
