@@ -44,7 +44,7 @@ def test_default_arch_run_writes_every_output(dataset_dir, tmp_path):
 def test_training_learns_on_a_learnable_dataset(tmp_path):
     generate(tmp_path / "ds", count=30, size=64, seed=1, splits=(("train", 0.7), ("val", 0.3)))
     args = [str(tmp_path / "ds" / "train"), str(tmp_path / "ds" / "val"), "learn", *FAST, "--arch",
-            "deeplabv3_resnet50", "--batch_size", "4", "--epochs", "6", "--optimizer", "adamw", "--lr", "0.003",
+            "deeplabv3_resnet50", "--batch_size", "4", "--epochs", "4", "--optimizer", "adamw", "--lr", "0.003",
             "--output_dir", str(tmp_path)]
     train.main(args)
     metrics = pd.read_csv(tmp_path / "runs" / "learn" / "metrics.csv")
