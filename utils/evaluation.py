@@ -456,10 +456,7 @@ def run(options):
                                boundary_px=options.boundary_ignore)
     model, metadata = load_network(options, device)
     classes = checkpoint_classes(metadata, metadata["path"])
-    if classes != dataset.classes:
-        raise UserError(f"{metadata['path']} predicts {classes.num_classes} classes ({', '.join(classes.names)}) "
-                        f"but {dataset.root} has {dataset.classes.num_classes} ({', '.join(dataset.classes.names)}); "
-                        f"score it on data of its own classes")
+    data.require_same_classes(classes, dataset, metadata["path"])
     model = strip_aux_head(model)
     tiling = options.tiling
     input_size = (tiling.tile, tiling.tile) if tiling.tile else tuple(dataset[0][0].shape[-2:])

@@ -289,10 +289,7 @@ def require_classes(prepared, classes, source):
     scores would mean other classes."""
     splits = [prepared.train_set, prepared.val_loader.dataset if prepared.val_loader is not None else None]
     for split in (split for split in splits if split is not None):
-        if split.classes != classes:
-            raise UserError(f"{source} predicts {classes.num_classes} classes ({', '.join(classes.names)}) but "
-                            f"{split.root} has {split.classes.num_classes} ({', '.join(split.classes.names)}); "
-                            f"use data of the network's classes")
+        data.require_same_classes(classes, split, source)
 
 
 def validation_miou(model, prepared, device):

@@ -430,9 +430,7 @@ def set_up(options):
     study = Study(options, folder, manifest, context, prepared, dense, arch, history, source, classes)
     if options.test_data:
         study.test_set = data.S2DSDataset(options.test_data, data.EvalTransform(), require_labels=True)
-        if study.test_set.classes != classes:
-            raise UserError(f"{source} predicts {', '.join(classes.names)} but --test_data {options.test_data} has "
-                            f"{', '.join(study.test_set.classes.names)}; use data of the network's classes")
+        data.require_same_classes(classes, study.test_set, source)
     return study
 
 

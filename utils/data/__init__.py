@@ -112,6 +112,15 @@ class ClassTable:
         return table
 
 
+def require_same_classes(network_classes, split, network):
+    """Refuse a split (a dataset with .classes and .root) whose class table is not the network's (`network` names
+    it): its outputs would mean other classes."""
+    if split.classes != network_classes:
+        raise UserError(f"{network} predicts {network_classes.num_classes} classes ({', '.join(network_classes.names)}) "
+                        f"but {split.root} has {split.classes.num_classes} ({', '.join(split.classes.names)}); use "
+                        f"data of the network's classes")
+
+
 S2DS_CLASSES = ClassTable(CLASS_NAMES, tuple(colour for _, _, colour in CLASSES))
 
 
