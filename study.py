@@ -38,6 +38,10 @@ def get_args_parser():
 
     grid = parser.add_argument_group("the grid (every combination runs)")
     add_pruning_options(grid, grid=True)
+    grid.add_argument("--target_gmacs", type=float, nargs="+", default=[], metavar="G",
+                      help="budgets in GMACs at --measure_size: each adds, per criterion and schedule, the budget met "
+                           "by uniform pruning (the ratio of equal GMACs) and by a per-part plan "
+                           "(torchvision_pruning.py --target_gmacs), both fine-tuned alike (needs --val_data)")
     add_bool(grid, "--sensitivity", False,
              "instead of the grid: prune each part alone (ResNet stage, ASPP, head 3x3 conv) at each ratio with the "
              "first criterion, no fine-tuning, and plot the val mIoU drop per part")
@@ -52,6 +56,14 @@ def get_args_parser():
                         help="fine-tuning epochs after each step of a schedule of several steps "
                              "(torchvision_pruning.py's --finetune_epochs) (default: %(default)s)")
     add_tuning_options(tuning)
+
+    int8 = parser.add_argument_group("INT8 after pruning")
+    int8.add_argument("--int8", nargs="*", default=None, metavar="VARIANT",
+                      help="add an INT8 row for every variant and the dense fine-tuned twin (or only for the variants "
+                           "named, as in study.csv's variant column): export.py --int8's QDQ graph, scored through "
+                           "onnxruntime as test.py scores it and timed beside the others")
+    int8.add_argument("--calib_images", type=int, default=16, metavar="N",
+                      help="--val_data images that calibrate each INT8 graph (default: %(default)s)")
 
     output = parser.add_argument_group("measurement and output")
     output.add_argument("--name", required=True, help="study folder under OUTPUT_DIR/studies/")

@@ -150,7 +150,7 @@ def _run(variant, seed, miou, f1, ratio=50.0):
     return {"variant": variant, "run": f"{variant}_seed{seed}", "seed": seed, "criterion": variant, "p_value": None,
             "pruning_ratio": ratio, "steps": 1, "family": variant, "macs": 2e9, "params": 1e6, "best_epoch": 1,
             "val_miou": miou, "test_miou": miou, "crack_iou": f1, "crack_tolerance_f1": f1, "latency_ms": 10.0,
-            "speedup": 1.0}
+            "speedup": 1.0, "target_gmacs": None, "plan": None, "precision": "float32", "int8_agreement": None}
 
 
 def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_within_noise():

@@ -259,10 +259,10 @@ class ExportOptions:
         return "float16" if self.half else "float32"
 
 
-def run_export(options):
-    """export.py: trace the checkpoint's deployed network to options.onnx_path, check it in onnxruntime, with
-    --int8 quantise it beside, print the trtexec lines; exit status 1 when the parity check fails (the file is
-    kept)."""
+def export_float(options):
+    """Trace the checkpoint's deployed network (BatchNorm folded) to options.onnx_path and compare onnxruntime with
+    PyTorch on it: (path, the graph's facts, parity rows, seconds the export took). What export.py and the study's
+    INT8 rows share."""
     output, device, size, batch = options.onnx_path, options.device, options.size, options.batch
     model, metadata = load_model(options.checkpoint, device=device, allow_pickle=options.allow_pickle,
                                  stride=options.output_stride)
@@ -272,17 +272,24 @@ def run_export(options):
     network = copy.deepcopy(reference).half() if options.half else reference
     started = time.perf_counter()
     export_onnx(network, output, size, batch, options.dynamic, options.opset, facts)
-    megabytes = os.path.getsize(output) / 2**20
-    print(f"wrote {output} ({megabytes:.1f} MB, {metadata['arch']}{' pruned' if metadata.get('pruning') else ''}, "
-          f"{facts['precision']}, opset {options.opset}, input image "
-          f"{'Nx3xHxW' if options.dynamic else f'{batch}x3x{size}x{size}'}) in "
-          f"{time.perf_counter() - started:.1f} s")
-
+    seconds = time.perf_counter() - started
     shapes = [(batch, size, size)]
     if options.dynamic:
         shapes.append((batch + 1, size // 2, size * 3 // 4))
     with torch.no_grad():
         rows = check_parity(reference, output, shapes, device)
+    return output, facts, rows, seconds
+
+
+def run_export(options):
+    """export.py: trace the checkpoint's deployed network to options.onnx_path, check it in onnxruntime, with
+    --int8 quantise it beside, print the trtexec lines; exit status 1 when the parity check fails (the file is
+    kept)."""
+    output, facts, rows, seconds = export_float(options)
+    size, batch = options.size, options.batch
+    print(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MB, {facts['arch']}"
+          f"{' pruned' if facts['pruned'] else ''}, {facts['precision']}, opset {options.opset}, input image "
+          f"{'Nx3xHxW' if options.dynamic else f'{batch}x3x{size}x{size}'}) in {seconds:.1f} s")
     _print_parity(rows)
     if not parity_passed(rows, options.half):
         print(f"export.py: parity check FAILED (tolerance: {PARITY_RULE[options.half]}); {output} was kept for "

@@ -54,7 +54,8 @@ def add_tiling_options(group, tile_help):
 def add_pruning_options(group, grid=False):
     """How channels are chosen; with `grid` (study.py) the criterion, norm, ratio and schedule take lists."""
     many = {"nargs": "+"} if grid else {}
-    group.add_argument("--pruning_ratio", type=float, required=True, metavar="PERCENT", **many,
+    group.add_argument("--pruning_ratio", type=float, required=not grid, default=[] if grid else None,
+                       metavar="PERCENT", **many,
                        help="percent of channels to remove, 1 to 99 (50 halves every prunable layer)")
     group.add_argument("--importance_type", default=["Magnitude"] if grid else "Magnitude", metavar="NAME", **many,
                        help=f"channel ranking: {', '.join(IMPORTANCES)}; Taylor uses gradients of the real loss on "

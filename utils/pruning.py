@@ -492,6 +492,32 @@ def plan_to_budget(model, arch, tuning, prepared, context, budget):
             "dense": {"cost": dense_cost, "val_miou": dense_miou}, "planned_cost": cost, "sensitivity": rows}
 
 
+def uniform_ratio_for(budget, model, tuning):
+    """The uniform --pruning_ratio (percent, in tenths) whose network just meets `budget`: the uniform network at
+    equal cost that a per-part plan is compared with. Bisected on copies cut in one step by magnitude (a cost
+    depends on the widths, not on which channels go) with tuning's --global_pruning and --round_to."""
+    def cost(tenths):
+        network = copy.deepcopy(model)
+        pruner = build_pruner(network, make_importance("Magnitude", 2), tenths / 1000, 1, tuning.global_pruning,
+                              tuning.round_to)
+        prune_step(pruner, network)
+        return budget.cost(network)
+
+    option = f"--target_{budget.kind}"
+    low, high = 0, 10 * MAX_PART_RATIO
+    dense_cost = budget.cost(model)
+    if dense_cost <= budget.target:
+        raise UserError(f"{option} {budget.target:g} is not below the dense network's {budget.text(dense_cost)} "
+                        f"{budget.where}: nothing to prune; give a smaller budget")
+    if cost(high) > budget.target:
+        raise UserError(f"{option} {budget.target:g} is below what uniform pruning reaches: "
+                        f"{budget.text(cost(high))} {budget.where} at {MAX_PART_RATIO}%; give at least that")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if cost(middle) <= budget.target else (middle, high)
+    return high / 10
+
+
 def read_plan(path, model, arch):
     """A plan saved beside a checkpoint (NAME_plan.json), checked against this network: one line when it is not."""
     text = Path(require_path(path, "--plan file", "file")).read_text(errors="replace")

@@ -23,6 +23,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +37,16 @@ from utils import data, model as models
 from utils.checkpoint import (checkpoint_classes, load_for_inference, load_model, make_checkpoint, read_checkpoint,
                               save_atomic)
 from utils.cli import UserError, cap_workers, check_batch_memory, device_name, plain_name, require_path, resolve_device
+from utils.deploy import ExportOptions, export_float, export_int8, int8_path, parity_passed
 from utils.distributed import DistContext
 from utils.engine import EvalSettings
 from utils.evaluation import collect_metrics, evaluate_split
 from utils.files import refuse_existing, replace_atomically
+from utils.onnx_model import OnnxNetwork
 from utils.prune_ops import USES_P_VALUE, importance_name, layers_outside, network_parts, ratio_fraction
-from utils.pruning import (PruneOptions, TuningData, at_least, endless_batches, finetune, load_for_pruning,
-                           prepare_data, prune_in_steps, require_classes, validation_miou)
+from utils.pruning import (Budget, PruneOptions, TuningData, at_least, describe_plan, endless_batches, finetune,
+                           load_for_pruning, plan_to_budget, prepare_data, prune_in_steps, require_classes,
+                           uniform_ratio_for, validation_miou)
 from utils.recipe import seed_everything, train_loader
 from utils.report import Column, Schema, write_csv, write_workbook
 from utils.timing import ROUNDS, WARMUP, deployed_latencies
@@ -53,9 +58,10 @@ OUTPUT_FILES = ("study.json", "study.csv", "study_summary.csv", "study.xlsx", "s
 SETTINGS = ("state_dict", "data", "val_data", "test_data", "importance_type", "p_value", "pruning_ratio",
             "iterative_steps", "global_pruning", "round_to", "finetune_epochs", "step_finetune_epochs",
             "calib_batches", "calib_mode", "batch_size", "crop_size", "lr", "optimizer", "weight_decay", "loss",
-            "measure_size", "lt_tolerance", "seeds", "output_stride")
+            "measure_size", "lt_tolerance", "seeds", "output_stride", "target_gmacs", "int8", "calib_images")
 PATH_SETTINGS = ("state_dict", "data", "val_data", "test_data")
 DENSE, TWIN = "dense", "dense_finetuned"
+INT8 = "_int8"  # the suffix of a variant's INT8 row, before _seed<S>
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ class StudyOptions:
     workers: int
     seeds: tuple
     output_stride: int | None = None
+    target_gmacs: tuple = ()
+    int8: tuple | None = None
+    calib_images: int = 16
 
     def __post_init__(self):
         """Every check that needs no file, before anything is loaded: one line and exit 2 each; --device resolved
@@ -109,10 +118,13 @@ class StudyOptions:
                             "--data TRAIN_DIR; pass --finetune_epochs 0 --step_finetune_epochs 0 to compare untuned")
         if self.finetune_epochs > 0 and not self.val_data:
             raise UserError("--finetune_epochs keeps the best epoch by val mIoU and needs --val_data VAL_DIR")
+        if self.sensitivity and not self.pruning_ratio:
+            raise UserError("--sensitivity prunes each part at each --pruning_ratio; give at least one")
         if self.sensitivity and not self.val_data:
             raise UserError("--sensitivity scores each part's pruning on --val_data VAL_DIR; pass it")
         if not self.sensitivity and not self.test_data:
             raise UserError("the study scores every variant on --test_data TEST_DIR; pass it")
+        self._check_compression(grid)
         at_least(self, finetune_epochs=0, step_finetune_epochs=0, calib_batches=1, crop_size=8, measure_size=32,
                  latency_runs=0, workers=0, lt_tolerance=0)
         if self.batch_size < 2 and self.data:
@@ -122,6 +134,30 @@ class StudyOptions:
         object.__setattr__(self, "device", str(resolve_device(self.device)))
         object.__setattr__(self, "workers", cap_workers(self.workers))
         check_batch_memory(self.batch_size, self.crop_size, "--batch_size x --crop_size")
+
+    def _check_compression(self, grid):
+        """--target_gmacs plans on the val split, per part; --int8 calibrates on it and names variants of the grid."""
+        if self.target_gmacs and not self.val_data:
+            raise UserError("--target_gmacs plans each part's ratio from its val mIoU drop and needs --val_data VAL_DIR")
+        if self.target_gmacs and self.global_pruning:
+            raise UserError("--target_gmacs compares a per-part plan with uniform pruning at equal GMACs; "
+                            "--global_pruning decides the widths itself, so drop one of them")
+        if self.int8 is None:
+            return
+        if not self.val_data:
+            raise UserError("--int8 calibrates the INT8 graphs on --val_data VAL_DIR; pass it")
+        if self.measure_size % 8:
+            raise UserError(f"--int8 exports at --measure_size, which must be a multiple of 8, got {self.measure_size}")
+        at_least(self, calib_images=1)
+        known = [TWIN] + [variant.name for variant in grid]
+        unknown = [name for name in self.int8 if name not in known]
+        if unknown:
+            raise UserError(f"--int8 {unknown[0]}: no such variant in this grid; give none (every variant) or some "
+                            f"of {', '.join(known)}")
+
+    def wants_int8(self, variant_name):
+        """Whether --int8 adds an INT8 row for this variant (no names: every variant and the dense twin)."""
+        return self.int8 is not None and (not self.int8 or variant_name in self.int8)
 
     @property
     def seed(self):
@@ -135,22 +171,40 @@ class StudyOptions:
 
 @dataclass(frozen=True)
 class Variant:
-    """One cell of the grid: criterion, norm (None where the criterion has none), percent removed, steps."""
+    """One cell of the grid: criterion, norm (None where the criterion has none), percent removed, steps; or, for
+    a --target_gmacs value, that budget met by a per-part plan (budgeted) or by the uniform ratio of equal GMACs
+    (ratio None: found when the study runs)."""
     importance: str
     p_value: int | None
-    ratio: float
+    ratio: float | None
     steps: int
+    target_gmacs: float | None = None
+    budgeted: bool = False
 
     @property
     def name(self):
         norm = f"_l{self.p_value}" if self.p_value is not None else ""
-        return f"{self.importance.lower()}{norm}_{self.ratio:g}pct_{self.steps}step"
+        amount = (f"{self.ratio:g}pct" if self.target_gmacs is None else
+                  f"{self.target_gmacs:g}gmacs_{'budgeted' if self.budgeted else 'uniform'}")
+        return f"{self.importance.lower()}{norm}_{amount}_{self.steps}step"
 
     @property
     def family(self):
-        """The line it belongs to in study.png: criterion, norm and schedule."""
+        """The line it belongs to in study.png: criterion, norm and schedule (budgeted plans on a line of their
+        own; the uniform network of a budget's GMACs on its criterion's uniform line)."""
         norm = f" L{self.p_value}" if self.p_value is not None else ""
-        return f"{self.importance}{norm}, {self.steps} step{'s' if self.steps > 1 else ''}"
+        return (f"{self.importance}{norm}{', budgeted' if self.budgeted else ''}, "
+                f"{self.steps} step{'s' if self.steps > 1 else ''}")
+
+    @property
+    def budget_key(self):
+        """Where the study keeps what it found for a budget: the uniform ratio of equal GMACs (one per budget), or
+        the per-part plan (one per budget and criterion); None for a plain ratio."""
+        if self.target_gmacs is None:
+            return None
+        norm = f" L{self.p_value}" if self.p_value is not None else ""
+        return f"{self.importance}{norm} plan @ {self.target_gmacs:g}" if self.budgeted else \
+            f"uniform @ {self.target_gmacs:g}"
 
 
 def run_name(variant_name, seed):
@@ -158,12 +212,13 @@ def run_name(variant_name, seed):
     return f"{variant_name}_seed{seed}"
 
 
-def prune_options(options, variant, seed):
+def prune_options(options, variant, seed, ratio=None):
     """torchvision_pruning.py's options for one variant and seed, from the study's (variant None: the dense twin's
-    recipe, nothing pruned)."""
+    recipe, nothing pruned; `ratio`: the uniform ratio found for a budget)."""
     variant = variant or Variant("Magnitude", None, 0.0, 1)
     return PruneOptions(
-        importance_type=variant.importance, p_value=variant.p_value or 2, pruning_ratio=variant.ratio,
+        importance_type=variant.importance, p_value=variant.p_value or 2,
+        pruning_ratio=variant.ratio if ratio is None else ratio,
         iterative_steps=variant.steps, global_pruning=options.global_pruning, round_to=options.round_to,
         finetune_epochs=options.step_finetune_epochs if variant.steps > 1 else 0,
         calib_batches=options.calib_batches, calib_mode=options.calib_mode, seed=seed, optimizer=options.optimizer,
@@ -181,13 +236,16 @@ def check_seeds(seeds):
     return list(seeds)
 
 
-def variant_grid(importance_type, p_value, pruning_ratio, iterative_steps):
-    """The variants in the order they run, each checked; a bad value or an empty grid is a one-line UserError."""
+def variant_grid(importance_type, p_value, pruning_ratio, iterative_steps, target_gmacs=()):
+    """The variants in the order they run, each checked; a bad value or an empty grid is a one-line UserError.
+    Each --target_gmacs value adds, per criterion and schedule, the budget met by uniform pruning and by a plan."""
     criteria = list(dict.fromkeys(importance_name(name) for name in importance_type))
     for ratio in pruning_ratio:
         ratio_fraction(ratio)
         if ratio == 0:
             raise UserError("--pruning_ratio 0 prunes nothing; the dense rows are in the study anyway")
+    if any(target <= 0 for target in target_gmacs):
+        raise UserError(f"--target_gmacs must be a positive number of GMACs, got {min(target_gmacs):g}")
     for option, values in (("p_value", p_value), ("iterative_steps", iterative_steps)):
         bad = [value for value in values if value < 1]
         if bad:
@@ -199,16 +257,19 @@ def variant_grid(importance_type, p_value, pruning_ratio, iterative_steps):
     grid = []
     for importance in criteria:
         for p in (norms if importance in USES_P_VALUE else [None]):
-            grid += [Variant(importance, p, float(ratio), steps) for steps in dict.fromkeys(iterative_steps)
-                     for ratio in dict.fromkeys(pruning_ratio)]
+            for steps in dict.fromkeys(iterative_steps):
+                grid += [Variant(importance, p, float(ratio), steps) for ratio in dict.fromkeys(pruning_ratio)]
+                grid += [Variant(importance, p, None, steps, float(target), budgeted)
+                         for target in dict.fromkeys(target_gmacs) for budgeted in (False, True)]
     if not grid:
-        raise UserError("the grid is empty: give at least one --importance_type, --pruning_ratio and "
-                        "--iterative_steps")
+        raise UserError("the grid is empty: give at least one --importance_type and --iterative_steps, and a "
+                        "--pruning_ratio or a --target_gmacs")
     return grid
 
 
 def options_grid(options):
-    return variant_grid(options.importance_type, options.p_value, options.pruning_ratio, options.iterative_steps)
+    return variant_grid(options.importance_type, options.p_value, options.pruning_ratio, options.iterative_steps,
+                        options.target_gmacs)
 
 
 def study_settings(options):
@@ -220,6 +281,7 @@ def study_settings(options):
     settings["state_dict_sha256"] = file_digest(options.state_dict)  # the same path after retraining: another study
     settings["importance_type"] = [importance_name(name) for name in options.importance_type]
     settings["pruning_ratio"] = [float(ratio) for ratio in options.pruning_ratio]
+    settings["target_gmacs"] = [float(target) for target in options.target_gmacs]
     return settings
 
 
@@ -237,7 +299,7 @@ def digest(settings):
 
 def _clear(folder):
     """--overwrite: remove what an earlier study wrote here (its variant checkpoints and tables), nothing else."""
-    for path in Path(folder).glob("*.pth"):
+    for path in [*Path(folder).glob("*.pth"), *Path(folder).glob("*.onnx")]:
         path.unlink()
     for name in OUTPUT_FILES:
         if (Path(folder) / name).exists():
@@ -248,7 +310,8 @@ def open_study(folder, settings, overwrite):
     """The manifest to continue (same arguments), or a new one: --overwrite starts again, and other arguments than
     the ones the study was run with need it."""
     manifest_path = Path(folder) / MANIFEST
-    fresh = {"settings": settings, "digest": digest(settings), "dense": None, "runs": {}, "sensitivity": {}}
+    fresh = {"settings": settings, "digest": digest(settings), "dense": None, "runs": {}, "sensitivity": {},
+             "budgets": {}}
     if manifest_path.is_file() and not overwrite:
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -302,6 +365,12 @@ def score_checkpoint(path, test_set, options):
     classes = checkpoint_classes(metadata, path)
     model = models.strip_aux_head(model)
     models.fold_batchnorm(model.eval())
+    return score_network(model, classes, test_set, options)
+
+
+def score_network(model, classes, test_set, options):
+    """test.py's numbers for a deployed network (a PyTorch one, or an ONNX graph as test.py --weights X.onnx runs
+    it): the one evaluation loop and metric code."""
     settings = EvalSettings(classes.num_classes, tolerance_px=options.lt_tolerance, crack_id=classes.crack_id)
     result = evaluate_split(model, test_set, torch.device(options.device), settings, 1, options.workers)
     _, scores, lt = collect_metrics(result, options.lt_tolerance, classes.crack_id)
@@ -348,46 +417,59 @@ def _reusable(path, study):
     return checkpoint if facts.get("digest") == study.manifest["digest"] else None
 
 
+def budget_amount(variant, study):
+    """{"pruning_ratio"} or {"part_ratios", ...} found for a budget variant (plan_budgets), {} for the others."""
+    key = variant.budget_key if variant is not None else None
+    return study.manifest["budgets"][key] if key else {}
+
+
 def prune_variant(variant, seed, study, path):
     """Prune (variant None: the dense twin, not pruned), fine-tune (best epoch) and save one run; its facts."""
     options, device = study.options, study.context.device
     model = copy.deepcopy(study.dense).to(device)
-    tuning = prune_options(options, variant, seed)
+    amount = budget_amount(variant, study)
+    tuning = prune_options(options, variant, seed, amount.get("pruning_ratio"))
     prepared = seeded_data(study.prepared, seed, options, study.context)
     seed_everything(seed)
     history = study.history
     if variant is not None:
         def on_step(step, percent, seconds, _):
-            print(f"  step {step}/{variant.steps}: {percent:g}% of channels removed so far ({seconds:.0f} s)",
-                  flush=True)
+            removed = "each part by its planned ratio" if percent is None else f"{percent:g}% of channels"
+            print(f"  step {step}/{variant.steps}: {removed} removed so far ({seconds:.0f} s)", flush=True)
 
-        history = history + prune_in_steps(model, tuning, prepared, study.context, on_step)
+        history = history + prune_in_steps(model, tuning, prepared, study.context, on_step,
+                                           part_ratios=amount.get("part_ratios"))
     best_epoch, val_miou = finetune_best(model, prepared, tuning, study.context, options.finetune_epochs)
     macs, params = models.count_macs(model, options.measure_size, device)
     facts = {"best_epoch": best_epoch, "val_miou": val_miou, "macs": macs, "params": params}
     pruning = {} if variant is None else {
-        "pruning_ratio": variant.ratio, "importance": variant.importance, "p_value": variant.p_value or 2,
-        "iterative_steps": variant.steps, "finetune_epochs": tuning.finetune_epochs,
-        "global_pruning": options.global_pruning, "round_to": options.round_to}
+        "importance": variant.importance, "p_value": variant.p_value or 2, "iterative_steps": variant.steps,
+        "finetune_epochs": tuning.finetune_epochs, "global_pruning": options.global_pruning,
+        "round_to": options.round_to, **({"part_ratios": amount["part_names"], "target_gmacs": variant.target_gmacs}
+                                         if "part_ratios" in amount else {"pruning_ratio": tuning.pruning_ratio})}
     save_atomic(make_checkpoint(
         model, study.arch, study.classes, pruning=history or None, **pruning, source=study.source, measure_size=options.measure_size,
         study={"name": options.name, "digest": study.manifest["digest"], "seed": seed, **facts}), path)
     return facts
 
 
-def describe(variant):
-    """(variant, criterion, p, ratio, steps, family) of a row; None is the dense fine-tuned twin."""
+def describe(variant, study=None):
+    """(variant, criterion, p, ratio, steps, budget, plan, precision, family) of a row; None is the dense
+    fine-tuned twin. A budget variant's ratio (uniform) or per-part ratios (plan) come from `study`."""
+    float32 = {"precision": "float32", "int8_agreement": None}
     if variant is None:
-        return {"variant": TWIN, "criterion": "dense fine-tuned (reference)", "p_value": None,
-                "pruning_ratio": 0.0, "steps": 0, "family": "dense fine-tuned"}
+        return {"variant": TWIN, "criterion": "dense fine-tuned (reference)", "p_value": None, "pruning_ratio": 0.0,
+                "steps": 0, "target_gmacs": None, "plan": None, "family": "dense fine-tuned", **float32}
+    amount = budget_amount(variant, study) if study is not None else {}
     return {"variant": variant.name, "criterion": variant.importance, "p_value": variant.p_value,
-            "pruning_ratio": variant.ratio, "steps": variant.steps, "family": variant.family}
+            "pruning_ratio": amount.get("pruning_ratio", variant.ratio), "steps": variant.steps,
+            "target_gmacs": variant.target_gmacs, "plan": amount.get("plan"), "family": variant.family, **float32}
 
 
 def run_variant(variant, seed, study):
     """One (variant, seed) from its checkpoint if this study already saved it, else made now; scored on the test
     split. variant None is the dense fine-tuned twin."""
-    described = describe(variant)
+    described = describe(variant, study)
     key = run_name(described["variant"], seed)
     path = study.folder / f"{key}.pth"
     saved = _reusable(path, study)
@@ -395,7 +477,8 @@ def run_variant(variant, seed, study):
         print(f"{key}: reusing {path} (saved before the last run stopped)", flush=True)
         facts = {key: saved["study"][key] for key in ("best_epoch", "val_miou", "macs", "params")}
     else:
-        what = "fine-tuning the dense network" if variant is None else f"pruning {variant.ratio:g}% by {variant.family}"
+        what = ("fine-tuning the dense network" if variant is None else
+                f"pruning {variant.name} by {variant.family}")
         print(f"{key}: {what}, seed {seed}", flush=True)
         facts = prune_variant(variant, seed, study, path)
     scores = score_checkpoint(path, study.test_set, study.options)
@@ -409,7 +492,8 @@ def dense_row(study):
     options = study.options
     macs, params = models.count_macs(study.dense, options.measure_size, study.context.device)
     return {"variant": DENSE, "criterion": "dense, untuned (as trained)", "p_value": None, "pruning_ratio": 0.0,
-            "steps": 0, "family": "dense", "best_epoch": None,
+            "steps": 0, "target_gmacs": None, "plan": None, "precision": "float32", "int8_agreement": None,
+            "family": "dense", "best_epoch": None,
             "val_miou": validation_miou(study.dense, study.prepared, study.context.device), "macs": macs,
             "params": params, **score_checkpoint(options.state_dict, study.test_set, options)}
 
@@ -444,20 +528,80 @@ def run(options):
     if study.manifest["dense"] is None:
         study.manifest["dense"] = dense_row(study)
         save_manifest(study.folder, study.manifest)
+    plan_budgets(study, grid)
     plan = [(variant, seed) for variant in [None, *grid] for seed in options.seeds]
-    for position, (variant, seed) in enumerate(plan, start=1):
-        key = run_name(describe(variant)["variant"], seed)
+    keys = [run_name(describe(variant)["variant"], seed) for variant, seed in plan]
+    keys += [run_name(f"{describe(variant)['variant']}{INT8}", seed) for variant, seed in plan
+             if options.wants_int8(describe(variant)["variant"])]
+    for position, key in enumerate(keys, start=1):
         if key in study.manifest["runs"]:
-            print(f"[{position}/{len(plan)}] {key}: finished in an earlier run, reused", flush=True)
+            print(f"[{position}/{len(keys)}] {key}: finished in an earlier run, reused", flush=True)
             continue
-        print(f"[{position}/{len(plan)}] ", end="")
-        study.manifest["runs"][key] = run_variant(variant, seed, study)
+        print(f"[{position}/{len(keys)}] ", end="")
+        if position <= len(plan):
+            study.manifest["runs"][key] = run_variant(*plan[position - 1], study)
+        else:
+            study.manifest["runs"][key] = int8_row(study.manifest["runs"][key.replace(INT8, "")], key, study)
         save_manifest(study.folder, study.manifest)
     rows = [{**study.manifest["dense"], "run": DENSE, "seed": seed} for seed in options.seeds]
-    rows += [study.manifest["runs"][run_name(describe(variant)["variant"], seed)] for variant, seed in plan]
+    rows += [study.manifest["runs"][key] for key in keys]
     add_latency(rows, study)
     write_outputs(rows, study)
     return rows
+
+
+def plan_budgets(study, grid):
+    """What each --target_gmacs needs before its variants run, found once and kept in the manifest: the uniform
+    ratio of equal GMACs (bisected), and per criterion the per-part plan (pruning.plan_to_budget: each part's
+    measured val mIoU drop and cost, greedy), made with the first seed and used by every seed."""
+    options, budgets = study.options, study.manifest["budgets"]
+    for variant in grid:
+        key = variant.budget_key
+        if key is None or key in budgets:
+            continue
+        budget = Budget("gmacs", variant.target_gmacs, options.measure_size, options.device, 0)
+        tuning = prune_options(options, variant, options.seed)
+        if not variant.budgeted:
+            ratio = uniform_ratio_for(budget, study.dense, tuning)
+            print(f"{key}: every layer pruned by {ratio:g}% meets {variant.target_gmacs:g} GMACs", flush=True)
+            budgets[key] = {"pruning_ratio": ratio}
+        else:
+            prepared = seeded_data(study.prepared, options.seed, options, study.context)
+            planned = plan_to_budget(study.dense, study.arch, tuning, prepared, study.context, budget)
+            budgets[key] = {"part_ratios": {entry["prefix"]: entry["pruning_ratio"]
+                                            for entry in planned["parts"].values()},
+                            "part_names": {part: entry["pruning_ratio"] for part, entry in planned["parts"].items()},
+                            "plan": describe_plan(planned), "planned_gmacs": planned["planned_cost"]}
+            print(f"{key}: {budgets[key]['plan']} -> {planned['planned_cost']:.3f} GMACs", flush=True)
+        save_manifest(study.folder, study.manifest)
+
+
+def int8_row(float_row, key, study):
+    """The INT8 row of a finished (variant, seed): its checkpoint exported as export.py --int8 does (deployed
+    network, BatchNorm folded, parity-checked float32 graph, then QDQ INT8 calibrated on --calib_images of
+    --val_data), saved as <key>.onnx and scored on the test split through onnxruntime as test.py scores it."""
+    options = study.options
+    source = study.folder / f"{float_row['run']}.pth"
+    target = study.folder / f"{key}.onnx"
+    print(f"{key}: exporting {Path(source).name} and quantising it to INT8", flush=True)
+    with tempfile.TemporaryDirectory(dir=study.folder, prefix=".tmp_int8_") as folder:
+        export = ExportOptions(checkpoint=str(source), output=os.path.join(folder, "float32.onnx"),
+                               size=options.measure_size, dynamic=True, int8=True, calib_data=options.val_data,
+                               calib_images=options.calib_images, allow_pickle=options.allow_pickle,
+                               device=options.device)
+        graph, facts, parity, _ = export_float(export)
+        if not parity_passed(parity, False):
+            raise UserError(f"the float32 graph of {source} does not match PyTorch in onnxruntime (max abs logit "
+                            f"difference {max(row['max_abs_diff'] for row in parity):.2e}), so it is not quantised")
+        agreement = export_int8(graph, facts, export)
+        os.replace(int8_path(graph), target)
+    print(f"{key}: saved {target}", flush=True)
+    scores = score_network(OnnxNetwork(target, options.device), study.classes, study.test_set, options)
+    print(f"{key}: test mIoU {100 * scores['test_miou']:.2f}%, crack tolerance F1 "
+          f"{100 * scores['crack_tolerance_f1']:.2f}%", flush=True)
+    return {**float_row, **scores, "variant": float_row["variant"] + INT8, "run": key, "precision": "int8",
+            "int8_agreement": agreement["pixel_agreement"], "family": f"{float_row['family']} + INT8",
+            "val_miou": None}
 
 
 def add_latency(rows, study):
@@ -468,12 +612,13 @@ def add_latency(rows, study):
         for row in rows:
             row["latency_ms"] = row["speedup"] = None
         return rows
-    paths = {row["run"]: options.state_dict if row["run"] == DENSE else study.folder / f"{row['run']}.pth"
-             for row in rows}
+    paths = {row["run"]: options.state_dict if row["run"] == DENSE else
+             study.folder / f"{row['run']}{'.onnx' if row['precision'] == 'int8' else '.pth'}" for row in rows}
     print(f"timing the dense network and {len(paths) - 1} checkpoint(s) at {options.measure_size} px: {WARMUP} "
           f"warm-up forwards each, {options.latency_runs} interleaved rounds, on {device_name(study.context.device)}",
           flush=True)
-    networks = (load_model(path, allow_pickle=options.allow_pickle)[0] for path in paths.values())
+    networks = (OnnxNetwork(path, options.device) if Path(path).suffix == ".onnx" else
+                load_model(path, allow_pickle=options.allow_pickle)[0] for path in paths.values())
     seconds = dict(zip(paths, deployed_latencies(networks, options.measure_size, study.context.device,
                                                  options.latency_runs)))
     for row in rows:
@@ -485,17 +630,19 @@ def add_latency(rows, study):
 # study.csv (headed by key, fractions) and study.xlsx's "per seed" sheet: one row per (variant, seed).
 PER_SEED = Schema("study per seed", (
     Column("seed", "seed"), Column("criterion", "criterion"), Column("p_value", "p (norm)"),
-    Column("pruning_ratio", "ratio", unit="%"), Column("steps", "steps"), Column("gmacs", "GMACs"),
+    Column("pruning_ratio", "ratio", unit="%"), Column("steps", "steps"), Column("target_gmacs", "GMACs budget"),
+    Column("plan", "per-part ratios (budgeted)"), Column("precision", "precision"), Column("gmacs", "GMACs"),
     Column("params_m", "params", unit="M"), Column("latency_ms", "latency", unit="ms"), Column("speedup", "speed-up"),
     Column("test_miou", "test mIoU", percent=True), Column("crack_iou", "crack IoU", percent=True),
     Column("crack_tolerance_f1", "crack tolerance F1", percent=True),
     Column("test_miou_change", "mIoU change vs dense fine-tuned", percent=True),
     Column("crack_tolerance_f1_change", "crack tol. F1 change vs dense fine-tuned", percent=True),
     Column("val_miou", "val mIoU (best epoch)", percent=True), Column("best_epoch", "best epoch"),
+    Column("int8_agreement", "INT8 vs float32 pixel agreement (val)", percent=True),
     Column("variant", "variant"), Column("run", "checkpoint")))
 # The scores summarised as mean and spread over seeds, and the two compared with the dense fine-tuned twin.
 SUMMARISED = ("gmacs", "params_m", "latency_ms", "speedup", "test_miou", "crack_iou", "crack_tolerance_f1",
-              "val_miou")
+              "val_miou", "int8_agreement")
 COMPARED = ("test_miou", "crack_tolerance_f1")
 
 
@@ -537,7 +684,8 @@ def summary_rows(table):
     out = []
     for _, members in groups:
         first = members.iloc[0]
-        row = {key: first[key] for key in ("criterion", "p_value", "pruning_ratio", "steps", "family", "variant")}
+        row = {key: first[key] for key in ("criterion", "p_value", "pruning_ratio", "steps", "target_gmacs", "plan",
+                                           "precision", "family", "variant")}
         row["seeds"] = len(members)
         for key in SUMMARISED + tuple(f"{key}_change" for key in COMPARED):
             row[f"{key}_mean"] = float(members[key].astype(float).mean())
@@ -553,7 +701,8 @@ def summary_rows(table):
 # study.xlsx's summary sheet and the printed table (its columns, labels and "mean ± spread"): per variant.
 SUMMARY = Schema("study summary", (
     Column("criterion", "criterion"), Column("p_value", "p (norm)"), Column("pruning_ratio", "ratio", unit="%"),
-    Column("steps", "steps"), Column("seeds", "seeds"), Column("gmacs_mean", "GMACs"),
+    Column("steps", "steps"), Column("target_gmacs", "GMACs budget"), Column("plan", "per-part ratios (budgeted)"),
+    Column("precision", "precision"), Column("seeds", "seeds"), Column("gmacs_mean", "GMACs"),
     Column("params_m_mean", "params", unit="M"), Column("latency_ms_mean", "latency", unit="ms", label="latency ms"),
     Column("speedup_mean", "speed-up", spread="speedup_spread"), Column("speedup_spread", "speed-up spread"),
     Column("test_miou_mean", "test mIoU", percent=True, spread="test_miou_spread"),
@@ -570,7 +719,9 @@ SUMMARY = Schema("study summary", (
            label="crack F1 vs dense ft", spread="crack_tolerance_f1_change_spread"),
     Column("crack_tolerance_f1_change_spread", "crack tol. F1 change spread", percent=True),
     Column("crack_tolerance_f1_verdict", "crack tol. F1: vs dense", label="crack F1 verdict"),
-    Column("val_miou_mean", "val mIoU (best epoch)", percent=True), Column("variant", "variant")))
+    Column("val_miou_mean", "val mIoU (best epoch)", percent=True),
+    Column("int8_agreement_mean", "INT8 vs float32 pixel agreement (val)", percent=True),
+    Column("variant", "variant")))
 PRINTED_SUMMARY = ("variant", "seeds", "gmacs_mean", "latency_ms_mean", "speedup_mean", "test_miou_mean",
                    "crack_tolerance_f1_mean", "test_miou_change_mean", "test_miou_verdict",
                    "crack_tolerance_f1_change_mean", "crack_tolerance_f1_verdict")
@@ -610,7 +761,13 @@ def _families(summary):
     for row in summary:
         if row["variant"] not in (DENSE, TWIN):
             families.setdefault(row["family"], []).append(row)
-    return {label: sorted(members, key=lambda row: row["pruning_ratio"]) for label, members in families.items()}
+    return {label: sorted(members, key=lambda row: -row["gmacs_mean"]) for label, members in families.items()}
+
+
+def _point_label(row):
+    """A point's label in study.png: the percent removed, or the budget a per-part plan meets."""
+    plan = row.get("plan")
+    return f"plan {row['target_gmacs']:g} GMACs" if isinstance(plan, str) else f"{row['pruning_ratio']:g}%"
 
 
 def _error(row, key):
@@ -629,9 +786,10 @@ def _plot_panel(axis, summary, x_key, y_key):
     for label, members in _families(summary).items():
         x = [row[f"{x_key}_mean"] for row in members]
         y = [100 * row[f"{y_key}_mean"] for row in members]
-        axis.errorbar(x, y, yerr=[100 * _error(row, y_key) for row in members], fmt="o-", capsize=3, label=label)
+        style = "s--" if label.endswith("INT8") else "^-" if "budgeted" in label else "o-"
+        axis.errorbar(x, y, yerr=[100 * _error(row, y_key) for row in members], fmt=style, capsize=3, label=label)
         for row, x_value, y_value in zip(members, x, y):
-            axis.annotate(f"{row['pruning_ratio']:g}%", (x_value, y_value), textcoords="offset points",
+            axis.annotate(_point_label(row), (x_value, y_value), textcoords="offset points",
                           xytext=(4, 4), fontsize=7)
     for name, marker, text in ((DENSE, "k*", "dense, untuned"), (TWIN, "kD", "dense fine-tuned")):
         row = by_name[name]
@@ -652,7 +810,7 @@ def plot_study(summary, path, title, size, device_type):
             _plot_panel(axis, summary, x_key, y_key)
             axis.set(xlabel=x_label, ylabel=y_label)
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title="criterion, schedule (labels: % of channels removed)", title_fontsize=7)
+    axes[0][0].legend(fontsize=7, title="criterion, schedule (labels: % of channels removed,\nor the GMACs a per-part plan meets)", title_fontsize=7)
     seeds = summary[0]["seeds"]
     figure.suptitle(f"{title}: mean over {seeds} seed{'s' if seeds > 1 else ''} (bars: spread); up and left is "
                     f"better; inside the grey band = within noise of dense fine-tuned")
