@@ -23,8 +23,10 @@ demo: venv
 	bash scripts/demo.sh $(PY) $(DEMO_DIR)
 
 # The demo's pruning study with its controls: the dense twin fine-tuned like every variant and the Random criterion,
-# Magnitude L2 and Taylor at 30/50/70%, each run with two seeds (mean and spread). Needs `make demo` first (its
-# network and data); a retrained network needs `make study-demo STUDY_FLAGS=--overwrite`.
+# Magnitude L2 and Taylor at 30/50/70%, and per criterion a budget of 2 GMACs met by a per-part plan and by the
+# uniform ratio of equal GMACs; INT8 rows for the dense twin and the L2 plan; each run with two seeds (mean and
+# spread). Needs `make demo` first (its network and data); a retrained network needs
+# `make study-demo STUDY_FLAGS=--overwrite`.
 STUDY_WEIGHTS ?= results/runs/demo/best.pth
 STUDY_OUTPUT ?= results
 STUDY_FLAGS ?=
@@ -32,6 +34,7 @@ STUDY_FLAGS ?=
 study-demo: venv
 	$(PY) study.py --state_dict $(STUDY_WEIGHTS) --data $(DEMO_DIR)/train --val_data $(DEMO_DIR)/val \
 	    --test_data $(DEMO_DIR)/test --importance_type Magnitude Taylor Random --p_value 2 \
-	    --pruning_ratio 30 50 70 --seeds 1 2 --finetune_epochs 1 --crop_size 96 --batch_size 8 --calib_batches 1 \
-	    --measure_size 128 --latency_runs 3 --workers 2 --quiet --name demo_study_seeds \
+	    --pruning_ratio 30 50 70 --target_gmacs 2 --int8 dense_finetuned magnitude_l2_2gmacs_budgeted_1step \
+	    --seeds 1 2 --finetune_epochs 1 --crop_size 96 --batch_size 8 --calib_batches 1 \
+	    --measure_size 128 --latency_runs 15 --workers 2 --quiet --name demo_study_seeds \
 	    --output_dir $(STUDY_OUTPUT) $(STUDY_FLAGS)
