@@ -14,7 +14,11 @@ from utils import data, model as models  # noqa: E402
 from utils.checkpoint import make_checkpoint, save_atomic  # noqa: E402
 from utils.synthetic import generate  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs two pytest-xdist workers: each gets its share of the cores (and so do the scripts the tests start,
+# through OMP_NUM_THREADS), since two processes of two OpenMP threads each on two cores wait on each other's spinning.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)))
+torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def run_script(*args, cwd=None, timeout=600):
