@@ -12,6 +12,7 @@ of pixels whose class agrees; exit status 1 when they are outside tolerance (flo
 
 --int8 also writes <output stem>_int8.onnx: onnxruntime's static quantisation in QDQ format (int8 weights,
 one scale per tensor, or per output channel with --int8_weights per_channel, 7-bit with --int8_reduce_range;
+activation ranges clipped with --int8_calibration percentile or entropy;
 int8 activations with ranges calibrated on --calib_images images of the split --calib_data, read as in
 training and resized to --size), and prints the share of pixels whose class it predicts as the
 float32 graph does, and its mIoU against the float32 predictions, on every image of that split.
@@ -22,7 +23,7 @@ from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_mai
 from utils.deploy import ExportOptions, run_export
 from utils.model import add_output_stride_option
 from utils.options import add_allow_pickle, add_output_options, add_system_options
-from utils.quantize import WEIGHT_SCALES
+from utils.quantize import CALIBRATIONS, WEIGHT_SCALES
 
 
 def get_args_parser():
@@ -43,9 +44,12 @@ def get_args_parser():
                         help="calibration images, spread over the split (default: %(default)s)")
     parser.add_argument("--int8_weights", choices=WEIGHT_SCALES, default="per_tensor",
                         help="--int8's weight scales: one per weight tensor or one per output channel (default: "
-                             "%(default)s, which agreed better with float32 on the demo network: README, step 3b)")
+                             "%(default)s; which agrees better with float32 depends on the network: README, step 3b)")
     add_bool(parser, "--int8_reduce_range", False, "--int8 with 7-bit weights: no int16 saturation in the int8 "
                                                    "multiply-add of x86 CPUs without VNNI (avx2 only)")
+    parser.add_argument("--int8_calibration", choices=tuple(CALIBRATIONS), default="minmax",
+                        help="--int8's activation ranges: the largest value seen (minmax), or clipped at onnxruntime's "
+                             "99.999th percentile (percentile) or by entropy (default: %(default)s)")
     add_allow_pickle(parser)
     add_output_stride_option(parser)
     add_output_options(parser, "an existing --output file")

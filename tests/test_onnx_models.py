@@ -119,8 +119,9 @@ def test_benchmark_refuses_an_onnx_graph_of_another_size(exported, tmp_path):
     (["--int8", "--calib_data", "SPLIT", "--opset", "12"], "--int8 needs --opset 13 or later"),
     (["--int8", "--calib_data", "SPLIT", "--calib_images", "0"], "--calib_images must be at least 1"),
     (["--int8", "--calib_data", "MISSING"], "--calib_data split not found"),
-    (["--int8_weights", "per_channel"], "--int8_weights and --int8_reduce_range are only used with --int8"),
-    (["--int8_reduce_range"], "--int8_weights and --int8_reduce_range are only used with --int8"),
+    (["--int8_weights", "per_channel"], "--int8_weights, --int8_reduce_range and --int8_calibration are only used"),
+    (["--int8_reduce_range"], "--int8_weights, --int8_reduce_range and --int8_calibration are only used with"),
+    (["--int8_calibration", "percentile"], "--int8_calibration are only used with --int8"),
 ])
 def test_export_int8_bad_inputs(mobilenet_checkpoint, dataset_dir, tmp_path, flags, fragment):
     flags = [str(dataset_dir / "val") if f == "SPLIT" else str(tmp_path / "nope") if f == "MISSING" else f
@@ -208,11 +209,13 @@ def test_cpu_description_names_the_model_and_the_int8_flags(tmp_path):
 
 @pytest.fixture(scope="module")
 def per_channel_7bit(lively_mobilenet_checkpoint, dataset_dir, tmp_path_factory):
-    """The lively network quantised with per-channel weight scales and 7-bit weights (the default graph of
-    `exported` has one scale per weight tensor at full 8-bit range)."""
+    """The lively network quantised with per-channel weight scales, 7-bit weights and percentile-clipped
+    activation ranges (the default graph of `exported` has one scale per weight tensor at full 8-bit range and
+    MinMax ranges)."""
     output = tmp_path_factory.mktemp("recipes") / "channels.onnx"
     printed = _export(lively_mobilenet_checkpoint, output, "--int8", "--calib_data", dataset_dir / "val",
-                      "--calib_images", "2", "--int8_weights", "per_channel", "--int8_reduce_range")
+                      "--calib_images", "2", "--int8_weights", "per_channel", "--int8_reduce_range",
+                      "--int8_calibration", "percentile")
     return {"graph": onnx.load(str(output.with_name("channels_int8.onnx"))), "printed": printed}
 
 
@@ -239,9 +242,26 @@ def test_int8_weights_per_tensor_by_default_and_per_channel_with_7_bits_on_reque
               for name, pairs in (("default", default), ("channels", channels))}
     assert widest["default"] == 127 and widest["channels"] <= 64  # --int8_reduce_range: 7-bit weights
     assert "int8: QDQ, int8 weights per-tensor, int8 activations symmetric, MinMax calibration" in exported["printed"]
-    assert ("int8: QDQ, 7-bit (reduced range) int8 weights per-channel, int8 activations symmetric, MinMax "
+    assert ("int8: QDQ, 7-bit (reduced range) int8 weights per-channel, int8 activations symmetric, Percentile "
             "calibration" in per_channel_7bit["printed"])
     assert re.search(r"pixel agreement [\d.]+% \((meets|is BELOW) the 98% target\)", per_channel_7bit["printed"])
+
+
+def _activation_scales(graph):
+    """{tensor: scale} of every QuantizeLinear of an activation (a tensor no initializer holds)."""
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    return {node.input[0]: float(initializers[node.input[1]]) for node in graph.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in initializers}
+
+
+def test_percentile_calibration_clips_activation_ranges_below_minmax(exported, per_channel_7bit):
+    minmax = _activation_scales(onnx.load(str(exported["int8"])))
+    percentile = _activation_scales(per_channel_7bit["graph"])
+    shared = set(minmax) & set(percentile)
+    assert len(shared) > 10
+    assert all(percentile[name] <= minmax[name] * (1 + 1e-6) for name in shared)
+    # with 2 calibration images of 64 px the 99.999th percentile is the largest value for most tensors, not all
+    assert any(percentile[name] < 0.99 * minmax[name] for name in shared)
 
 
 def test_export_int8_weights_bad_value_exits_2_with_one_line(mobilenet_checkpoint, dataset_dir, tmp_path):
@@ -255,3 +275,5 @@ def test_int8_recipe_is_checked_when_made():
     assert Int8Recipe() == Int8Recipe("per_tensor", False)
     with pytest.raises(UserError, match="--int8_weights must be one of per_tensor, per_channel, got 'per_row'"):
         Int8Recipe(int8_weights="per_row")
+    with pytest.raises(UserError, match="--int8_calibration must be one of minmax, percentile, entropy"):
+        Int8Recipe(int8_calibration="kl")

@@ -239,8 +239,8 @@ class ExportOptions:
         if self.calib_data and not self.int8:
             raise UserError("--calib_data is only used with --int8; add --int8 or drop --calib_data")
         if self.int8_recipe != Int8Recipe() and not self.int8:
-            raise UserError("--int8_weights and --int8_reduce_range are only used with --int8; add --int8 or drop "
-                            "them")
+            raise UserError("--int8_weights, --int8_reduce_range and --int8_calibration are only used with --int8; "
+                            "add --int8 or drop them")
         if self.int8 and self.opset < 13:
             raise UserError(f"--int8 needs --opset 13 or later (per-channel QuantizeLinear), got {self.opset}")
         if self.calib_images < 1:
