@@ -22,8 +22,7 @@ import argparse
 from utils.cli import ArgumentParser, add_bool, add_quiet, options_from, run_main, script_main
 from utils.deploy import ExportOptions, run_export
 from utils.model import add_output_stride_option
-from utils.options import add_allow_pickle, add_output_options, add_system_options
-from utils.quantize import CALIBRATIONS, WEIGHT_SCALES
+from utils.options import add_allow_pickle, add_int8_recipe_options, add_output_options, add_system_options
 
 
 def get_args_parser():
@@ -42,14 +41,7 @@ def get_args_parser():
                         help="split whose Images/ calibrate --int8's activation ranges (e.g. the val split)")
     parser.add_argument("--calib_images", type=int, default=16, metavar="N",
                         help="calibration images, spread over the split (default: %(default)s)")
-    parser.add_argument("--int8_weights", choices=WEIGHT_SCALES, default="per_tensor",
-                        help="--int8's weight scales: one per weight tensor or one per output channel (default: "
-                             "%(default)s; which agrees better with float32 depends on the network: README, step 3b)")
-    add_bool(parser, "--int8_reduce_range", False, "--int8 with 7-bit weights: no int16 saturation in the int8 "
-                                                   "multiply-add of x86 CPUs without VNNI (avx2 only)")
-    parser.add_argument("--int8_calibration", choices=tuple(CALIBRATIONS), default="minmax",
-                        help="--int8's activation ranges: the largest value seen (minmax), or clipped at onnxruntime's "
-                             "99.999th percentile (percentile) or by entropy (default: %(default)s)")
+    add_int8_recipe_options(parser)
     add_allow_pickle(parser)
     add_output_stride_option(parser)
     add_output_options(parser, "an existing --output file")

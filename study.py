@@ -23,8 +23,8 @@ import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_config, add_quiet, options_from, run_main, script_main
 from utils.model import add_output_stride_option
-from utils.options import (add_allow_pickle, add_measurement_options, add_output_options, add_pruning_options,
-                           add_system_options, add_tuning_options)
+from utils.options import (add_allow_pickle, add_int8_recipe_options, add_measurement_options, add_output_options,
+                           add_pruning_options, add_system_options, add_tuning_options)
 from utils.study import StudyOptions, run
 
 
@@ -64,6 +64,7 @@ def get_args_parser():
                            "onnxruntime as test.py scores it and timed beside the others")
     int8.add_argument("--calib_images", type=int, default=16, metavar="N",
                       help="--val_data images that calibrate each INT8 graph (default: %(default)s)")
+    add_int8_recipe_options(int8)
 
     output = parser.add_argument_group("measurement and output")
     output.add_argument("--name", required=True, help="study folder under OUTPUT_DIR/studies/")

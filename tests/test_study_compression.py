@@ -56,9 +56,10 @@ def test_budgeted_and_uniform_meet_the_budget_and_int8_rows_score_as_test_py(liv
     out, budgeted_name = tmp_path / "results", "magnitude_l2_0.09gmacs_budgeted_1step"
     folder = out / "studies" / "budget"
     command = _study(lively_mobilenet_checkpoint, dataset_dir, out, "--target_gmacs", str(BUDGET), "--int8",
-                     budgeted_name, "--calib_images", "2")
+                     budgeted_name, "--calib_images", "2", "--int8_weights", "per_channel")
     result = run_script(*command, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 weights per-channel" in result.stdout  # export.py's recipe flags reach the study's INT8 graphs
     table = pd.read_csv(folder / "study.csv").set_index("variant")
     uniform, budgeted = table.loc["magnitude_l2_0.09gmacs_uniform_1step"], table.loc[budgeted_name]
     for row in (uniform, budgeted):  # within 3% at or below the budget, both
@@ -94,6 +95,7 @@ def test_budgeted_and_uniform_meet_the_budget_and_int8_rows_score_as_test_py(liv
     (["--target_gmacs", "1", "--global_pruning"], "drop one of them"),
     (["--pruning_ratio", "50", "--int8", "magnitude_l2_60pct_1step"], "no such variant in this grid"),
     (["--pruning_ratio", "50", "--int8", "--measure_size", "60"], "multiple of 8"),
+    (["--pruning_ratio", "50", "--int8_calibration", "percentile"], "only used with --int8"),
 ])
 def test_bad_compression_options_are_refused_in_one_line(mobilenet_checkpoint, dataset_dir, tmp_path, options,
                                                           fragment):

@@ -5,6 +5,7 @@ from utils.cli import add_bool
 from utils.losses import LOSSES
 from utils.model import add_output_stride_option
 from utils.prune_ops import IMPORTANCES
+from utils.quantize import CALIBRATIONS, WEIGHT_SCALES
 from utils.recipe import OPTIMIZERS
 
 
@@ -97,3 +98,15 @@ def add_measurement_options(group):
     group.add_argument("--latency_runs", type=int, default=5,
                        help="interleaved timing rounds of the deployed networks (median); 0 skips "
                             "(default: %(default)s)")
+
+
+def add_int8_recipe_options(group):
+    """How --int8 quantises (utils.quantize.Int8Recipe): weight scales, 7-bit weights, activation calibration."""
+    group.add_argument("--int8_weights", choices=WEIGHT_SCALES, default="per_tensor",
+                       help="--int8's weight scales: one per weight tensor or one per output channel (default: "
+                            "%(default)s; which agrees better with float32 depends on the network: README, step 3b)")
+    add_bool(group, "--int8_reduce_range", False, "--int8 with 7-bit weights: no int16 saturation in the int8 "
+                                                  "multiply-add of x86 CPUs without VNNI (avx2 only)")
+    group.add_argument("--int8_calibration", choices=tuple(CALIBRATIONS), default="minmax",
+                       help="--int8's activation ranges: the largest value seen (minmax), or clipped at onnxruntime's "
+                            "99.999th percentile (percentile) or by entropy (default: %(default)s)")

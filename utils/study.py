@@ -47,6 +47,7 @@ from utils.prune_ops import USES_P_VALUE, importance_name, layers_outside, netwo
 from utils.pruning import (Budget, PruneOptions, TuningData, at_least, describe_plan, endless_batches, finetune,
                            load_for_pruning, plan_to_budget, prepare_data, prune_in_steps, require_classes,
                            uniform_ratio_for, validation_miou)
+from utils.quantize import Int8Recipe
 from utils.recipe import seed_everything, train_loader
 from utils.report import Column, Schema, write_csv, write_workbook
 from utils.timing import ROUNDS, WARMUP, deployed_latencies
@@ -58,7 +59,8 @@ OUTPUT_FILES = ("study.json", "study.csv", "study_summary.csv", "study.xlsx", "s
 SETTINGS = ("state_dict", "data", "val_data", "test_data", "importance_type", "p_value", "pruning_ratio",
             "iterative_steps", "global_pruning", "round_to", "finetune_epochs", "step_finetune_epochs",
             "calib_batches", "calib_mode", "batch_size", "crop_size", "lr", "optimizer", "weight_decay", "loss",
-            "measure_size", "lt_tolerance", "seeds", "output_stride", "target_gmacs", "int8", "calib_images")
+            "measure_size", "lt_tolerance", "seeds", "output_stride", "target_gmacs", "int8", "calib_images",
+            "int8_recipe")
 PATH_SETTINGS = ("state_dict", "data", "val_data", "test_data")
 DENSE, TWIN = "dense", "dense_finetuned"
 INT8 = "_int8"  # the suffix of a variant's INT8 row, before _seed<S>
@@ -102,6 +104,7 @@ class StudyOptions:
     target_gmacs: tuple = ()
     int8: tuple | None = None
     calib_images: int = 16
+    int8_recipe: Int8Recipe = dataclasses.field(default_factory=Int8Recipe)
 
     def __post_init__(self):
         """Every check that needs no file, before anything is loaded: one line and exit 2 each; --device resolved
@@ -143,6 +146,9 @@ class StudyOptions:
             raise UserError("--target_gmacs compares a per-part plan with uniform pruning at equal GMACs; "
                             "--global_pruning decides the widths itself, so drop one of them")
         if self.int8 is None:
+            if self.int8_recipe != Int8Recipe():
+                raise UserError("--int8_weights, --int8_reduce_range and --int8_calibration are only used with "
+                                "--int8; add --int8 or drop them")
             return
         if not self.val_data:
             raise UserError("--int8 calibrates the INT8 graphs on --val_data VAL_DIR; pass it")
@@ -276,6 +282,7 @@ def study_settings(options):
     """The arguments that define the study, normalised (absolute paths, canonical criterion names, lists)."""
     settings = {key: getattr(options, key) for key in SETTINGS}
     settings = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+    settings["int8_recipe"] = dataclasses.asdict(options.int8_recipe)
     for key in PATH_SETTINGS:
         settings[key] = str(Path(settings[key]).resolve()) if settings[key] else None
     settings["state_dict_sha256"] = file_digest(options.state_dict)  # the same path after retraining: another study
@@ -587,7 +594,8 @@ def int8_row(float_row, key, study):
     with tempfile.TemporaryDirectory(dir=study.folder, prefix=".tmp_int8_") as folder:
         export = ExportOptions(checkpoint=str(source), output=os.path.join(folder, "float32.onnx"),
                                size=options.measure_size, dynamic=True, int8=True, calib_data=options.val_data,
-                               calib_images=options.calib_images, allow_pickle=options.allow_pickle,
+                               calib_images=options.calib_images, int8_recipe=options.int8_recipe,
+                               allow_pickle=options.allow_pickle,
                                device=options.device)
         graph, facts, parity, _ = export_float(export)
         if not parity_passed(parity, False):
