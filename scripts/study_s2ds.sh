@@ -59,7 +59,6 @@ PYTHONPATH=. "$PY" - "$WEIGHTS" "$TRAIN" "$VAL" "$TEST" "$BATCH" "$EPOCHS" "${#S
 """Cost of the grid from step times measured here: the one fine-tuning loop and the one latency measure."""
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -67,7 +66,7 @@ from utils import data
 from utils.checkpoint import load_model
 from utils.cli import device_name, resolve_device
 from utils.distributed import DistContext
-from utils.pruning import PruneData, finetune
+from utils.pruning import PruneData, PruneOptions, finetune
 from utils.recipe import make_criterion
 from utils.timing import deployed_latencies, synchronize
 
@@ -82,7 +81,9 @@ forward_s = deployed_latencies([model], (height, width), device, runs=3)[0]
 train_set = data.training_set(train_dir, 512)
 subset = torch.utils.data.Subset(train_set, range(min(len(train_set), 3 * batch)))
 prepared = PruneData(train_set=subset, criterion=make_criterion("ce", subset, False).to(device))
-tuning = SimpleNamespace(optimizer="sgd", lr=0.001, weight_decay=1e-4, batch_size=batch, workers=0)
+tuning = PruneOptions(importance_type="Magnitude", p_value=2, pruning_ratio=None, iterative_steps=1,
+                      global_pruning=False, round_to=None, finetune_epochs=0, calib_batches=1, calib_mode="eval",
+                      seed=0, optimizer="sgd", lr=0.001, weight_decay=1e-4, batch_size=batch, workers=0)
 started = time.perf_counter()
 finetune(model, prepared, tuning, DistContext(device=device), 1, 0)
 synchronize(device)
@@ -94,8 +95,8 @@ print(f"S2DS here: {counts['train']} train / {counts['val']} val / {counts['test
       f"{width}x{height} px); {steps_per_epoch} steps of {batch} per epoch, {epochs} epochs per run")
 print(f"measured on {device_name(device)}: {step_s:.2f} s per fine-tuning step (batch {batch}, 512 px crops), "
       f"{forward_s:.2f} s per test image (deployed network, batch 1)")
-print(f"estimated cost per run: 1-step variant or dense twin {one_step / 3600:.1f} h, 5-step variant "
-      f"{five_steps / 3600:.1f} h")
+print(f"estimated cost per run: 1-step variant or dense twin {one_step / 3600:.2f} h, 5-step variant "
+      f"{five_steps / 3600:.2f} h")
 twins = 1 + (1 if l1_variants else 0)
 total = seeds * ((main_variants + l1_variants) / 2 * (one_step + five_steps) + twins * one_step)
 print(f"whole grid: {main_variants + l1_variants} variants + {twins} dense twin(s), x {seeds} seeds: "
