@@ -8,6 +8,7 @@ parameters are those of the deployed network (auxiliary head dropped), as test.p
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ class PruneRun:
             raise UserError(f"{given[0]} and {given[1]} contradict each other: give one of --pruning_ratio, "
                             f"--target_gmacs, --target_latency_ms and --plan")
         budget = self.budget_option
-        if budget and getattr(self, budget[2:]) <= 0:
+        if budget and not 0 < getattr(self, budget[2:]) < math.inf:  # NaN too
             raise UserError(f"{budget} must be positive, got {getattr(self, budget[2:]):g}")
         if budget and not self.tuning.val_data:
             raise UserError(f"{budget} chooses each part's ratio by the val mIoU it costs and needs --val_data "
@@ -396,6 +397,22 @@ def make_budget(options):
     return Budget(kind, getattr(options, f"target_{kind}"), options.measure_size, options.device, options.timing_runs)
 
 
+def magnitude_cut(model, ratio, round_to, global_pruning=False):
+    """A copy of `model` cut in one step by L2 magnitude (`ratio`: a fraction for every layer, or {prefix:
+    fraction} per part): what a budget's cost is measured on, since a cost depends on the widths, not on which
+    channels go."""
+    network = copy.deepcopy(model)
+    prune_step(build_pruner(network, make_importance("Magnitude", 2), ratio, 1, global_pruning, round_to), network)
+    return network
+
+
+def refuse_unprunable(budget, dense_cost):
+    """A budget at or above the dense network's cost leaves nothing to prune: one line."""
+    if dense_cost <= budget.target:
+        raise UserError(f"--target_{budget.kind} {budget.target:g} is not below the dense network's "
+                        f"{budget.text(dense_cost)} {budget.where}: nothing to prune; give a smaller budget")
+
+
 class PlanProbe:
     """Copies of the network cut part by part in one step, no fine-tuning: by the run's criterion for the val mIoU
     they lose, by magnitude where only their cost counts (a cost depends on the widths, not on which channels go)."""
@@ -404,9 +421,9 @@ class PlanProbe:
         self.model, self.tuning, self.prepared, self.context, self.budget = model, tuning, prepared, context, budget
         self.costs = {}
 
-    def cut(self, percents, by_cost=False):
-        network = copy.deepcopy(self.model)
-        tuning = dataclasses.replace(self.tuning, importance_type="Magnitude", p_value=2) if by_cost else self.tuning
+    def cut(self, percents):
+        """A copy cut by the run's criterion (the val mIoU it loses is measured on it)."""
+        network, tuning = copy.deepcopy(self.model), self.tuning
         pruner = build_pruner(network, make_importance(tuning.importance_type, tuning.p_value, tuning.seed),
                               {prefix: percent / 100 for prefix, percent in percents.items()}, 1, False,
                               tuning.round_to)
@@ -417,7 +434,8 @@ class PlanProbe:
         """The budget's cost of the network with these per-part percents (measured once per plan)."""
         key = tuple(sorted(percents.items()))
         if key not in self.costs:
-            self.costs[key] = self.budget.cost(self.cut(percents, by_cost=True))
+            fractions = {prefix: percent / 100 for prefix, percent in percents.items()}
+            self.costs[key] = self.budget.cost(magnitude_cut(self.model, fractions, self.tuning.round_to))
         return self.costs[key]
 
 
@@ -472,9 +490,7 @@ def plan_to_budget(model, arch, tuning, prepared, context, budget):
     probe = PlanProbe(model, tuning, prepared, context, budget)
     dense_cost = budget.cost(model)
     option = f"--target_{budget.kind}"
-    if budget.target >= dense_cost:
-        raise UserError(f"{option} {budget.target:g} is not below the dense network's {budget.text(dense_cost)} "
-                        f"{budget.where}: nothing to prune; give a smaller budget")
+    refuse_unprunable(budget, dense_cost)
     floor = probe.cost({prefix: MAX_PART_RATIO for prefix in parts.values()})
     if budget.target < floor:
         raise UserError(f"{option} {budget.target:g} is below what pruning reaches: {budget.text(floor)} "
@@ -497,21 +513,14 @@ def uniform_ratio_for(budget, model, tuning):
     equal cost that a per-part plan is compared with. Bisected on copies cut in one step by magnitude (a cost
     depends on the widths, not on which channels go) with tuning's --global_pruning and --round_to."""
     def cost(tenths):
-        network = copy.deepcopy(model)
-        pruner = build_pruner(network, make_importance("Magnitude", 2), tenths / 1000, 1, tuning.global_pruning,
-                              tuning.round_to)
-        prune_step(pruner, network)
-        return budget.cost(network)
+        return budget.cost(magnitude_cut(model, tenths / 1000, tuning.round_to, tuning.global_pruning))
 
-    option = f"--target_{budget.kind}"
+    refuse_unprunable(budget, budget.cost(model))
     low, high = 0, 10 * MAX_PART_RATIO
-    dense_cost = budget.cost(model)
-    if dense_cost <= budget.target:
-        raise UserError(f"{option} {budget.target:g} is not below the dense network's {budget.text(dense_cost)} "
-                        f"{budget.where}: nothing to prune; give a smaller budget")
-    if cost(high) > budget.target:
-        raise UserError(f"{option} {budget.target:g} is below what uniform pruning reaches: "
-                        f"{budget.text(cost(high))} {budget.where} at {MAX_PART_RATIO}%; give at least that")
+    floor = cost(high)
+    if floor > budget.target:
+        raise UserError(f"--target_{budget.kind} {budget.target:g} is below what uniform pruning reaches: "
+                        f"{budget.text(floor)} {budget.where} at {MAX_PART_RATIO}%; give at least that")
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if cost(middle) <= budget.target else (middle, high)

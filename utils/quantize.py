@@ -21,7 +21,8 @@ from utils.metrics import ConfusionMatrix
 from utils.onnx_model import INPUT_NAME, onnx_input
 
 WEIGHT_SCALES = ("per_tensor", "per_channel")
-CALIBRATIONS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}  # --int8_calibration: ORT's
+# --int8_calibration's values and the onnxruntime CalibrationMethod each names
+CALIBRATIONS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 @dataclass(frozen=True)

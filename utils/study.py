@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -250,8 +251,9 @@ def variant_grid(importance_type, p_value, pruning_ratio, iterative_steps, targe
         ratio_fraction(ratio)
         if ratio == 0:
             raise UserError("--pruning_ratio 0 prunes nothing; the dense rows are in the study anyway")
-    if any(target <= 0 for target in target_gmacs):
-        raise UserError(f"--target_gmacs must be a positive number of GMACs, got {min(target_gmacs):g}")
+    bad_targets = [target for target in target_gmacs if not 0 < target < math.inf]  # NaN too
+    if bad_targets:
+        raise UserError(f"--target_gmacs must be a positive number of GMACs, got {bad_targets[0]:g}")
     for option, values in (("p_value", p_value), ("iterative_steps", iterative_steps)):
         bad = [value for value in values if value < 1]
         if bad:
@@ -425,7 +427,8 @@ def _reusable(path, study):
 
 
 def budget_amount(variant, study):
-    """{"pruning_ratio"} or {"part_ratios", ...} found for a budget variant (plan_budgets), {} for the others."""
+    """{"pruning_ratio"} or {"part_ratios": {part: percent}, "plan", ...} found for a budget variant (plan_budgets),
+    {} for the others."""
     key = variant.budget_key if variant is not None else None
     return study.manifest["budgets"][key] if key else {}
 
@@ -444,15 +447,17 @@ def prune_variant(variant, seed, study, path):
             removed = "each part by its planned ratio" if percent is None else f"{percent:g}% of channels"
             print(f"  step {step}/{variant.steps}: {removed} removed so far ({seconds:.0f} s)", flush=True)
 
-        history = history + prune_in_steps(model, tuning, prepared, study.context, on_step,
-                                           part_ratios=amount.get("part_ratios"))
+        parts = network_parts(model)
+        prefixes = {parts[part]: percent for part, percent in amount["part_ratios"].items()} \
+            if "part_ratios" in amount else None
+        history = history + prune_in_steps(model, tuning, prepared, study.context, on_step, part_ratios=prefixes)
     best_epoch, val_miou = finetune_best(model, prepared, tuning, study.context, options.finetune_epochs)
     macs, params = models.count_macs(model, options.measure_size, device)
     facts = {"best_epoch": best_epoch, "val_miou": val_miou, "macs": macs, "params": params}
     pruning = {} if variant is None else {
         "importance": variant.importance, "p_value": variant.p_value or 2, "iterative_steps": variant.steps,
         "finetune_epochs": tuning.finetune_epochs, "global_pruning": options.global_pruning,
-        "round_to": options.round_to, **({"part_ratios": amount["part_names"], "target_gmacs": variant.target_gmacs}
+        "round_to": options.round_to, **({"part_ratios": amount["part_ratios"], "target_gmacs": variant.target_gmacs}
                                          if "part_ratios" in amount else {"pruning_ratio": tuning.pruning_ratio})}
     save_atomic(make_checkpoint(
         model, study.arch, study.classes, pruning=history or None, **pruning, source=study.source, measure_size=options.measure_size,
@@ -537,21 +542,21 @@ def run(options):
         save_manifest(study.folder, study.manifest)
     plan_budgets(study, grid)
     plan = [(variant, seed) for variant in [None, *grid] for seed in options.seeds]
-    keys = [run_name(describe(variant)["variant"], seed) for variant, seed in plan]
-    keys += [run_name(f"{describe(variant)['variant']}{INT8}", seed) for variant, seed in plan
-             if options.wants_int8(describe(variant)["variant"])]
-    for position, key in enumerate(keys, start=1):
-        if key in study.manifest["runs"]:
-            print(f"[{position}/{len(keys)}] {key}: finished in an earlier run, reused", flush=True)
+    jobs = [(variant, seed, False) for variant, seed in plan]  # (variant, seed, its INT8 row)
+    jobs += [(variant, seed, True) for variant, seed in plan if options.wants_int8(describe(variant)["variant"])]
+    runs, keys = study.manifest["runs"], []
+    for position, (variant, seed, int8) in enumerate(jobs, start=1):
+        name = describe(variant)["variant"]
+        keys.append(run_name(name + INT8 if int8 else name, seed))
+        if keys[-1] in runs:
+            print(f"[{position}/{len(jobs)}] {keys[-1]}: finished in an earlier run, reused", flush=True)
             continue
-        print(f"[{position}/{len(keys)}] ", end="")
-        if position <= len(plan):
-            study.manifest["runs"][key] = run_variant(*plan[position - 1], study)
-        else:
-            study.manifest["runs"][key] = int8_row(study.manifest["runs"][key.replace(INT8, "")], key, study)
+        print(f"[{position}/{len(jobs)}] ", end="")
+        runs[keys[-1]] = (int8_row(runs[run_name(name, seed)], keys[-1], study) if int8 else
+                          run_variant(variant, seed, study))
         save_manifest(study.folder, study.manifest)
     rows = [{**study.manifest["dense"], "run": DENSE, "seed": seed} for seed in options.seeds]
-    rows += [study.manifest["runs"][key] for key in keys]
+    rows += [runs[key] for key in keys]
     add_latency(rows, study)
     write_outputs(rows, study)
     return rows
@@ -575,9 +580,7 @@ def plan_budgets(study, grid):
         else:
             prepared = seeded_data(study.prepared, options.seed, options, study.context)
             planned = plan_to_budget(study.dense, study.arch, tuning, prepared, study.context, budget)
-            budgets[key] = {"part_ratios": {entry["prefix"]: entry["pruning_ratio"]
-                                            for entry in planned["parts"].values()},
-                            "part_names": {part: entry["pruning_ratio"] for part, entry in planned["parts"].items()},
+            budgets[key] = {"part_ratios": {part: entry["pruning_ratio"] for part, entry in planned["parts"].items()},
                             "plan": describe_plan(planned), "planned_gmacs": planned["planned_cost"]}
             print(f"{key}: {budgets[key]['plan']} -> {planned['planned_cost']:.3f} GMACs", flush=True)
         save_manifest(study.folder, study.manifest)
