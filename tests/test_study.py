@@ -17,7 +17,8 @@ from utils import data, model as models
 from utils.cli import UserError
 from utils.losses import SegmentationLoss
 from utils.pruning import PruneData, PruneOptions, prune_in_steps
-from utils.study import format_table, layers_outside, network_parts, summary_rows, table_rows, variant_grid
+from utils.study import (_error_bar, _plot_panel, format_table, layers_outside, network_parts, summary_rows,
+                         table_rows, variant_grid)
 
 
 def study_command(checkpoint, dataset_dir, out, name="grid", ratios=("30", "50")):
@@ -168,6 +169,11 @@ def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_withi
     assert summary["worse"]["test_miou_verdict"] == "below dense (beyond noise)"
     assert summary["close"]["crack_tolerance_f1_verdict"] == "below dense (beyond noise)"
     assert summary["dense_finetuned"]["test_miou_verdict"] == "reference"
+    twin_seeds = [_run("dense_finetuned", seed, 0.60, 0.40, 0.0) for seed in (1, 2)]  # zero spread
+    hair = {row["variant"]: row for row in summary_rows(table_rows(
+        twin_seeds + [_run("hair", seed, 0.59996, 0.39, 0.0) for seed in (1, 2)]))}["hair"]
+    assert hair["test_miou_verdict"] == "within noise"  # -0.004 points shows as -0.00%: not a difference
+    assert hair["crack_tolerance_f1_verdict"] == "below dense (beyond noise)"  # -1 point with zero spread is
     single = summary_rows(table_rows([row for row in rows if row["seed"] == 1]))
     assert {row["test_miou_verdict"] for row in single} == {"reference", "one seed: no spread"}
     printed = format_table(summary_rows(table)).splitlines()  # mean ± spread, changes signed, in percent
@@ -176,6 +182,24 @@ def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_withi
     assert "+0.00%" in printed[2] and "reference" in printed[2]
     with pytest.raises(KeyError, match="latency_ms"):  # a row the table needs a column of is refused, not "-"
         table_rows([{key: value for key, value in row.items() if key != "latency_ms"} for row in rows])
+
+
+def test_plot_labels_collapsed_points_once_and_cuts_bars_at_zero():
+    import matplotlib.pyplot as plt
+    twins = [_run(name, seed, 0.25, 0.11, 0.0) for name in ("dense", "dense_finetuned") for seed in (1, 2)]
+    collapsed = [_run(name, seed, 0.0023, 0.03, ratio) for name, ratio in (("l2_30", 30.0), ("random_30", 30.0),
+                                                                          ("random_50", 50.0)) for seed in (1, 2)]
+    young = [_run("taylor_30", 1, 0.02, 0.05, 30.0), _run("taylor_30", 2, 0.12, 0.09, 30.0)]
+    summary = summary_rows(table_rows(twins + collapsed + young))
+    figure, axis = plt.subplots()
+    _plot_panel(axis, summary, "gmacs", "test_miou")
+    labels = sorted(text.get_text() for text in axis.texts)
+    plt.close(figure)
+    assert labels == ["30%", "30%, 50%"]  # taylor's 7% (far from 0.23%) keeps its own; the three collapsed share one
+    taylor = next(row for row in summary if row["variant"] == "taylor_30")
+    lower, upper = _error_bar([taylor], "test_miou")
+    assert taylor["test_miou_spread"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert lower == pytest.approx([7.0]) and upper == pytest.approx([100 * 0.1 / 2 ** 0.5])  # 7 - 7.07 < 0: cut
 
 
 def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):

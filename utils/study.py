@@ -676,12 +676,18 @@ def _spread(values):
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
+# Changes are shown to 0.01 percentage points: one that rounds to 0.00 is never called a difference, even where
+# every seed gave the same score (zero spread), as a deterministic network's INT8 twin can.
+SHOWN_RESOLUTION = 0.00005
+
+
 def verdict(change, spread, twin_spread):
-    """'within noise' when the mean change is no larger than the larger spread of variant and twin over seeds."""
+    """'within noise' when the mean change is no larger than the larger spread of variant and twin over seeds, or
+    too small to show in the table."""
     noise = max(spread, twin_spread)
     if np.isnan(noise):
         return "one seed: no spread"
-    if abs(change) <= noise:
+    if abs(change) <= max(noise, SHOWN_RESOLUTION):
         return "within noise"
     return "above dense (beyond noise)" if change > 0 else "below dense (beyond noise)"
 
@@ -755,7 +761,8 @@ def write_outputs(rows, study):
             f"{options.measure_size}x{options.measure_size} px, batch 1, deployed network, "
             f"{device_name(study.context.device)}; changes are percentage points against the dense network "
             f"fine-tuned like the variants (same epochs, recipe and seed); spread = sample standard deviation over "
-            f"seeds; 'within noise' = |mean change| <= the larger spread of the variant and the dense fine-tuned twin")
+            f"seeds; 'within noise' = |mean change| <= the larger spread of the variant and the dense fine-tuned twin, "
+            f"or under 0.005 points")
     write_workbook(str(folder / "study.xlsx"), {
         "summary": [SUMMARY.table([SUMMARY.taken(row) for row in summary], title=note)],
         "per seed": [PER_SEED.table([PER_SEED.taken(row) for row in table], title="one row per (variant, seed)")]})
@@ -786,6 +793,29 @@ def _error(row, key):
     return 0.0 if spread is None or np.isnan(spread) else spread
 
 
+def _error_bar(rows, key):
+    """matplotlib's yerr in percent: the spread each way, the lower bar cut at 0 (no score is negative)."""
+    means = [100 * row[f"{key}_mean"] for row in rows]
+    spreads = [100 * _error(row, key) for row in rows]
+    return [[min(spread, mean) for spread, mean in zip(spreads, means)], spreads]
+
+
+def _label_points(axis, points, reach_px=14):
+    """Write each point's label once: points within reach_px of each other on the drawn axes (collapsed variants
+    that all land on one score) share one label listing their distinct texts, instead of overprinting."""
+    axis.autoscale_view()
+    groups = []
+    for x, y, text in points:
+        where = axis.transData.transform((x, y))
+        near = next((group for group in groups if np.hypot(*(where - group["at"])) <= reach_px), None)
+        if near is None:
+            groups.append({"at": where, "xy": (x, y), "texts": [text]})
+        elif text not in near["texts"]:
+            near["texts"].append(text)
+    for group in groups:
+        axis.annotate(", ".join(group["texts"]), group["xy"], textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
 def _plot_panel(axis, summary, x_key, y_key):
     """One panel: a line with error bars (spread over seeds) per family, the dense twin's mean ± spread as a grey
     band (a point inside it is within noise of dense), the untuned dense network a black star."""
@@ -794,18 +824,18 @@ def _plot_panel(axis, summary, x_key, y_key):
     centre, band = 100 * twin[f"{y_key}_mean"], 100 * _error(twin, y_key)
     axis.axhspan(centre - band, centre + band, color="grey", alpha=0.2, label="dense fine-tuned, mean ± spread")
     axis.axhline(centre, color="grey", linewidth=1)
+    points = []
     for label, members in _families(summary).items():
         x = [row[f"{x_key}_mean"] for row in members]
         y = [100 * row[f"{y_key}_mean"] for row in members]
         style = "s--" if label.endswith("INT8") else "^-" if "budgeted" in label else "o-"
-        axis.errorbar(x, y, yerr=[100 * _error(row, y_key) for row in members], fmt=style, capsize=3, label=label)
-        for row, x_value, y_value in zip(members, x, y):
-            axis.annotate(_point_label(row), (x_value, y_value), textcoords="offset points",
-                          xytext=(4, 4), fontsize=7)
+        axis.errorbar(x, y, yerr=_error_bar(members, y_key), fmt=style, capsize=3, label=label)
+        points += [(x_value, y_value, _point_label(row)) for row, x_value, y_value in zip(members, x, y)]
     for name, marker, text in ((DENSE, "k*", "dense, untuned"), (TWIN, "kD", "dense fine-tuned")):
         row = by_name[name]
-        axis.errorbar(row[f"{x_key}_mean"], 100 * row[f"{y_key}_mean"], yerr=100 * _error(row, y_key), fmt=marker,
+        axis.errorbar(row[f"{x_key}_mean"], 100 * row[f"{y_key}_mean"], yerr=_error_bar([row], y_key), fmt=marker,
                       markersize=10 if name == DENSE else 7, capsize=3, label=text)
+    _label_points(axis, points)
 
 
 def plot_study(summary, path, title, size, device_type):
@@ -823,8 +853,8 @@ def plot_study(summary, path, title, size, device_type):
             axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, title="criterion, schedule (labels: % of channels removed,\nor the GMACs a per-part plan meets)", title_fontsize=7)
     seeds = summary[0]["seeds"]
-    figure.suptitle(f"{title}: mean over {seeds} seed{'s' if seeds > 1 else ''} (bars: spread); up and left is "
-                    f"better; inside the grey band = within noise of dense fine-tuned")
+    figure.suptitle(f"{title}: mean over {seeds} seed{'s' if seeds > 1 else ''} (bars: spread, cut at 0); up and left "
+                    f"is better; inside the grey band = within noise of dense fine-tuned")
     figure.tight_layout()
     replace_atomically(str(path), lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
