@@ -87,3 +87,18 @@ def test_pruning_keeps_the_classes_and_refuses_data_of_others(binary_run, datase
     assert model(torch.zeros(1, 3, 64, 64))["out"].shape[1] == 2
     result = run_script("torchvision_pruning.py", *common, "--val_data", dataset_dir / "val", "--model_name", "other")
     assert_user_error(result, "predicts 2 classes", "has 7")
+
+
+def test_an_onnx_graph_carries_the_class_table_and_scores_like_its_checkpoint(binary_run, tmp_path):
+    import export
+    data_dir, out = binary_run
+    best, graph = out / "runs" / "binary" / "best.pth", tmp_path / "binary.onnx"
+    export.main([str(best), "--output", str(graph), "--size", "64", "--device", "cpu", "--quiet"])
+    scores = {}
+    for name, weights in (("pth", best), ("onnx", graph)):
+        test_script.main([str(data_dir / "test"), "--weights", str(weights), "--device", "cpu", "--workers", "0",
+                          "--name", name, "--output_dir", str(tmp_path)])
+        per_class = pd.read_excel(tmp_path / "test" / f"{name}.xlsx", sheet_name="per_class")
+        assert list(per_class["class"]) == ["background", "crack"]
+        scores[name] = pd.to_numeric(per_class["IoU"], errors="coerce").to_numpy()
+    np.testing.assert_allclose(scores["onnx"], scores["pth"], atol=1e-3)  # fractions: within 0.1 points

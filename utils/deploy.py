@@ -19,7 +19,7 @@ from matplotlib import pyplot as plt
 from torch import nn
 from tqdm import tqdm
 
-from utils.checkpoint import load_model
+from utils.checkpoint import checkpoint_classes, load_model
 from utils.cli import (UserError, default_name, device_name, plain_name, progress_enabled, require_path,
                        resolve_device)
 from utils.files import refuse_existing, replace_atomically
@@ -145,8 +145,13 @@ def int8_path(output):
 def graph_facts(network, metadata, size, precision, source):
     """What the ONNX file says about itself (utils.onnx_model.FACT_TYPES), counted on the unfolded network."""
     macs, params = count_macs(network, size, device=next(network.parameters()).device)
-    return {"arch": metadata["arch"], "num_classes": metadata["num_classes"], "pruned": bool(metadata.get("pruning")),
-            "params": params, "macs": macs, "macs_size": size, "precision": precision, "source": str(source)}
+    facts = {"arch": metadata["arch"], "num_classes": metadata["num_classes"], "pruned": bool(metadata.get("pruning")),
+             "params": params, "macs": macs, "macs_size": size, "precision": precision, "source": str(source)}
+    try:
+        facts["class_table"] = checkpoint_classes(metadata, str(source)).rows()
+    except UserError:  # a thesis file of another class count: its graph, like it, is refused by test.py
+        pass
+    return facts
 
 
 def _print_parity(rows):

@@ -169,7 +169,7 @@ def load_network(options, device):
     network = OnnxNetwork(options.weights, device)
     return network, {"path": options.weights, "format": f"onnx graph ({network.facts['precision']}, onnxruntime)",
                      "arch": network.facts["arch"], "num_outputs": network.facts["num_classes"],
-                     "num_classes": network.facts["num_classes"]}
+                     "num_classes": network.facts["num_classes"], "class_table": network.facts.get("class_table")}
 
 
 def model_facts(model, metadata, input_size, device):

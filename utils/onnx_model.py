@@ -4,6 +4,8 @@ and a module whose forward runs the graph.
 test.py scores an ONNX file (float32, float16 or INT8) through the one evaluation loop and benchmark.py times it
 in the one timing, so both need it to look like the PyTorch network it came from: image batch in, logits out.
 """
+import json
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,6 +18,9 @@ FACTS_PREFIX = "cracksense."
 # checkpoint it came from: MACs are counted by PyTorch at the traced size (macs_size x macs_size).
 FACT_TYPES = {"arch": str, "num_classes": int, "pruned": lambda text: text == "True", "params": int, "macs": int,
               "macs_size": int, "precision": str, "source": str}
+# Stored as JSON where present: the class table ([[id, name, r, g, b], ...], as checkpoints keep it), so test.py
+# scores a graph of a dataset with its own classes; graphs written before it have S2DS's seven classes.
+OPTIONAL_FACTS = ("class_table",)
 
 
 def is_onnx_path(path):
@@ -24,7 +29,8 @@ def is_onnx_path(path):
 
 def facts_metadata(facts):
     """The facts as (key, text) pairs for the graph's metadata_props."""
-    return [(FACTS_PREFIX + key, str(facts[key])) for key in FACT_TYPES if key in facts]
+    return ([(FACTS_PREFIX + key, str(facts[key])) for key in FACT_TYPES if key in facts]
+            + [(FACTS_PREFIX + key, json.dumps(facts[key])) for key in OPTIONAL_FACTS if key in facts])
 
 
 def onnx_session(path, device="cpu"):
@@ -57,7 +63,15 @@ def read_facts(session, path):
     if missing or names != ([INPUT_NAME], [OUTPUT_NAME]):
         raise UserError(f"{path} is not a graph written by this version of export.py (no {', '.join(missing) or 'image/logits'} "
                         f"facts in it); export the checkpoint again with export.py")
-    return {key: parse(stored[FACTS_PREFIX + key]) for key, parse in FACT_TYPES.items()}
+    facts = {key: parse(stored[FACTS_PREFIX + key]) for key, parse in FACT_TYPES.items()}
+    for key in OPTIONAL_FACTS:
+        if FACTS_PREFIX + key in stored:
+            try:
+                facts[key] = json.loads(stored[FACTS_PREFIX + key])
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: its {key} is damaged (not JSON); export the checkpoint again with "
+                                f"export.py") from None
+    return facts
 
 
 def open_session(path, device="cpu"):
