@@ -1,4 +1,6 @@
 """utils.data: class table, label decoding, pairing, transforms and the data command-line helpers."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -187,6 +189,21 @@ def test_check_command_lists_problems(tmp_path):
     assert result.returncode == 1
     assert "2 problem(s)" in result.stdout and "cannot read image" in result.stdout
     assert "out of range" in result.stdout
+
+
+def test_check_command_names_binary_masks_under_grayscale_labels(tmp_path):
+    crack = np.zeros((16, 16))
+    crack[4:12, 7] = 255  # a 0/255 mask: its crack would be read as "ignore"
+    for root, second in ((tmp_path / "binary", crack), (tmp_path / "s2ds", np.where(crack, 6, 0))):
+        split = make_split(root)
+        save(crack, split / data.GRAY_DIR / "a.png")
+        save(second, split / data.GRAY_DIR / "b.png")
+    binary = run_script("-m", "utils.data", "check", tmp_path / "binary")
+    assert binary.returncode == 1 and "1 problem(s)" in binary.stdout, binary.stdout
+    assert "only 0 and 255" in binary.stdout and "Labels_RGB/" in binary.stdout
+    assert re.search(r"ignored \(255\) +16 ", binary.stdout), binary.stdout  # 8 px in each of the two masks
+    mixed = run_script("-m", "utils.data", "check", tmp_path / "s2ds")  # ids 0/6 beside one 0/255 file: S2DS-like
+    assert mixed.returncode == 0 and "no problems found" in mixed.stdout, mixed.stdout
 
 
 def test_rgb2gray_writes_matching_labels_and_refuses_overwrite(tmp_path):

@@ -853,8 +853,9 @@ def plot_study(summary, path, title, size, device_type):
             axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, title="criterion, schedule (labels: % of channels removed,\nor the GMACs a per-part plan meets)", title_fontsize=7)
     seeds = summary[0]["seeds"]
-    figure.suptitle(f"{title}: mean over {seeds} seed{'s' if seeds > 1 else ''} (bars: spread, cut at 0); up and left "
-                    f"is better; inside the grey band = within noise of dense fine-tuned")
+    over = (f"mean over {seeds} seeds (bars: spread, cut at 0); inside the grey band = within noise of dense "
+            f"fine-tuned" if seeds > 1 else "one seed, so no spread: give --seeds to see the noise")
+    figure.suptitle(f"{title}: {over}; up and left is better")
     figure.tight_layout()
     replace_atomically(str(path), lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)

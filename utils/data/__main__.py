@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.cli import ArgumentParser, add_quiet, progress_enabled, run_main, set_quiet
-from utils.data import (GRAY_DIR, IMAGE_DIR, IMAGE_EXTENSIONS, RGB_DIR, DatasetError, find_samples, label_stem,
-                        list_images, read_class_table, read_image, read_label)
+from utils.data import (GRAY_DIR, IGNORE_INDEX, IMAGE_DIR, IMAGE_EXTENSIONS, RGB_DIR, DatasetError, find_samples,
+                        label_stem, list_images, read_class_table, read_image, read_label)
 
 
 def _check(split_dir):
@@ -28,6 +28,7 @@ def _check(split_dir):
     samples = find_samples(split_dir, problems=problems)
     pixels = np.zeros(classes.num_classes, dtype=np.int64)
     images = np.zeros(classes.num_classes, dtype=np.int64)
+    ignored, binary_looking = 0, []
     for sample in tqdm(samples, desc="checking", leave=False, disable=not progress_enabled()):
         try:
             read_image(sample.image)
@@ -35,9 +36,17 @@ def _check(split_dir):
         except DatasetError as error:
             problems.append(str(error))
             continue
-        counts = np.bincount(mask.ravel(), minlength=256)[:classes.num_classes]
-        pixels += counts
-        images += counts > 0
+        counts = np.bincount(mask.ravel(), minlength=256)
+        pixels += counts[:classes.num_classes]
+        images += counts[:classes.num_classes] > 0
+        ignored += int(counts[IGNORE_INDEX])
+        only_0_and_255 = counts[IGNORE_INDEX] and counts[[0, IGNORE_INDEX]].sum() == mask.size
+        if sample.label.parent.name == GRAY_DIR and only_0_and_255:
+            binary_looking.append(sample.label)
+    if binary_looking and len(binary_looking) == sum(s.label.parent.name == GRAY_DIR for s in samples):
+        problems.append(f"every {GRAY_DIR}/ label holds only 0 and 255 (e.g. {binary_looking[0]}): 255 is read as "
+                        f"'ignore', so the cracks of a 0/255 binary mask would never be learnt; put such masks under "
+                        f"{RGB_DIR}/ (white = crack) with a classes.csv naming background and crack")
     total = max(1, pixels.sum())
     label_dirs = sorted({s.label.parent.name for s in samples})
     print(f"{split_dir}: {len(samples)} paired images, labels from {', '.join(label_dirs) or 'nowhere'}")
@@ -45,6 +54,8 @@ def _check(split_dir):
     for class_id, name in enumerate(classes.names):
         print(f"{class_id:>3} {name:<14} {pixels[class_id]:>14,d} {100 * pixels[class_id] / total:>8.3f}% "
               f"{images[class_id]:>7d}")
+    print(f"{'':>3} {'ignored (255)':<14} {ignored:>14,d} {100 * ignored / max(1, total + ignored):>8.3f}% "
+          f"of all pixels")
     if problems:
         print(f"{len(problems)} problem(s):")
         for problem in problems:
