@@ -800,20 +800,29 @@ def _error_bar(rows, key):
     return [[min(spread, mean) for spread, mean in zip(spreads, means)], spreads]
 
 
-def _label_points(axis, points, reach_px=14):
-    """Write each point's label once: points within reach_px of each other on the drawn axes (collapsed variants
-    that all land on one score) share one label listing their distinct texts, instead of overprinting."""
+def _label_points(axis, points, reach_px=14, levels=6):
+    """Write each point's label once and legibly: points within reach_px of each other on the drawn axes
+    (collapsed variants that all land on one score) share one label listing their distinct texts, and a label
+    that would overprint one already written is lifted a line at a time (up to `levels` lines)."""
     axis.autoscale_view()
     groups = []
-    for x, y, text in points:
+    for x, y, text in sorted(points):
         where = axis.transData.transform((x, y))
         near = next((group for group in groups if np.hypot(*(where - group["at"])) <= reach_px), None)
         if near is None:
             groups.append({"at": where, "xy": (x, y), "texts": [text]})
         elif text not in near["texts"]:
             near["texts"].append(text)
+    renderer, written = axis.figure.canvas.get_renderer(), []
     for group in groups:
-        axis.annotate(", ".join(group["texts"]), group["xy"], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for level in range(levels):
+            label = axis.annotate(", ".join(group["texts"]), group["xy"], textcoords="offset points",
+                                  xytext=(4, 4 + 8 * level), fontsize=7)
+            box = label.get_window_extent(renderer)
+            if level == levels - 1 or not any(box.overlaps(other) for other in written):
+                break
+            label.remove()
+        written.append(box)
 
 
 def _plot_panel(axis, summary, x_key, y_key):
@@ -851,12 +860,14 @@ def plot_study(summary, path, title, size, device_type):
             _plot_panel(axis, summary, x_key, y_key)
             axis.set(xlabel=x_label, ylabel=y_label)
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title="criterion, schedule (labels: % of channels removed,\nor the GMACs a per-part plan meets)", title_fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, title_fontsize=8,
+                  title="criterion, schedule (point labels: % of channels removed, or the GMACs a per-part plan meets)")
     seeds = summary[0]["seeds"]
     over = (f"mean over {seeds} seeds (bars: spread, cut at 0); inside the grey band = within noise of dense "
             f"fine-tuned" if seeds > 1 else "one seed, so no spread: give --seeds to see the noise")
     figure.suptitle(f"{title}: {over}; up and left is better")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.028 * (len(labels) // 4 + 2), 1, 1))
     replace_atomically(str(path), lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
 
