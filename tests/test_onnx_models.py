@@ -84,6 +84,19 @@ def test_test_py_scores_an_onnx_graph_like_its_checkpoint(exported, lively_mobil
     capsys.readouterr()
 
 
+def test_a_graph_with_a_tampered_class_table_is_refused_in_one_line(exported, dataset_dir, tmp_path):
+    graph = onnx.load(str(exported["fp32"]))
+    tables = [entry for entry in graph.metadata_props if entry.key == "cracksense.class_table"]
+    assert len(tables) == 1 and tables[0].value.startswith("[[0, \"background\"")  # export.py stored S2DS's table
+    tables[0].value = "[[0, \"background\""
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(graph, str(tampered))
+    result = run_script("test.py", dataset_dir / "test", "--weights", tampered, "--device", "cpu", "--workers", "0",
+                        "--output_dir", tmp_path)
+    assert_user_error(result, "tampered.onnx", "class_table is damaged")
+    assert not (tmp_path / "test").exists()
+
+
 def test_onnx_network_refuses_images_of_another_size_than_its_fixed_graph(exported):
     network = OnnxNetwork(exported["fp32"])
     assert network(torch.zeros(1, 3, 64, 64)).shape == (1, 7, 64, 64)
