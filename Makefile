@@ -24,9 +24,9 @@ demo: venv
 
 # The demo's pruning study with its controls: the dense twin fine-tuned like every variant and the Random criterion,
 # Magnitude L2 and Taylor at 30/50/70%, and per criterion a budget of 2 GMACs met by a per-part plan and by the
-# uniform ratio of equal GMACs; INT8 rows for the dense twin and the L2 plan; each run with two seeds (mean and
-# spread). Needs `make demo` first (its network and data); a retrained network needs
-# `make study-demo STUDY_FLAGS=--overwrite`.
+# uniform ratio of equal GMACs; INT8 rows (each beside its float32 graph's row) for the dense twin and the L2
+# plan; each run with two seeds (mean and spread). Needs `make demo` first (its network and data); a retrained
+# network needs `make study-demo STUDY_FLAGS=--overwrite`.
 STUDY_WEIGHTS ?= results/runs/demo/best.pth
 STUDY_OUTPUT ?= results
 STUDY_FLAGS ?=

@@ -76,6 +76,10 @@ def test_budgeted_and_uniform_meet_the_budget_and_int8_rows_score_as_test_py(liv
     assert int8["precision"] == "int8" and int8["gmacs"] == budgeted["gmacs"] and 0.5 < int8["int8_agreement"] <= 1
     assert int8["latency_ms"] > 0 and int8["test_miou_change"] == int8["test_miou"] - table.loc[
         "dense_finetuned", "test_miou"]
+    onnx = table.loc[budgeted_name + "_onnx"]  # INT8's control: the same graph in float32, the same runtime
+    assert onnx["precision"] == "float32 (onnxruntime)" and pd.isna(onnx["int8_agreement"]) and onnx["latency_ms"] > 0
+    assert onnx["test_miou"] == pytest.approx(budgeted["test_miou"], abs=1e-3)  # the checkpoint's, within 0.1 points
+    assert (folder / f"{onnx['run']}.onnx").is_file()
     scored = run_script("test.py", dataset_dir / "test", "--weights", folder / f"{int8['run']}.onnx", "--workers",
                         "0", "--device", "cpu", "--output_dir", out / "tests")
     assert scored.returncode == 0, scored.stderr[-3000:]
@@ -87,7 +91,7 @@ def test_budgeted_and_uniform_meet_the_budget_and_int8_rows_score_as_test_py(liv
 
     again = run_script(*command, timeout=1800)  # resumed: no plan, bisection, pruning or export again
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished in an earlier run, reused") == 4  # twin, uniform, budgeted, INT8
+    assert again.stdout.count("finished in an earlier run, reused") == 4  # twin, uniform, budgeted, ONNX + INT8
     assert "planning" not in again.stdout and "quantising" not in again.stdout
 
 

@@ -65,6 +65,8 @@ SETTINGS = ("state_dict", "data", "val_data", "test_data", "importance_type", "p
 PATH_SETTINGS = ("state_dict", "data", "val_data", "test_data")
 DENSE, TWIN = "dense", "dense_finetuned"
 INT8 = "_int8"  # the suffix of a variant's INT8 row, before _seed<S>
+ONNX = "_onnx"  # ... and of its float32 graph's row: INT8's control, the same runtime without quantisation
+ONNX_FLOAT = "float32 (onnxruntime)"  # that row's precision; "float32" alone is the PyTorch checkpoint
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ class StudyOptions:
                             f"of {', '.join(known)}")
 
     def wants_int8(self, variant_name):
-        """Whether --int8 adds an INT8 row for this variant (no names: every variant and the dense twin)."""
+        """Whether --int8 adds an INT8 row (and its float32 graph's row) for this variant (no names: every variant
+        and the dense twin)."""
         return self.int8 is not None and (not self.int8 or variant_name in self.int8)
 
     @property
@@ -542,18 +545,21 @@ def run(options):
         save_manifest(study.folder, study.manifest)
     plan_budgets(study, grid)
     plan = [(variant, seed) for variant in [None, *grid] for seed in options.seeds]
-    jobs = [(variant, seed, False) for variant, seed in plan]  # (variant, seed, its INT8 row)
+    jobs = [(variant, seed, False) for variant, seed in plan]  # (variant, seed, its ONNX rows)
     jobs += [(variant, seed, True) for variant, seed in plan if options.wants_int8(describe(variant)["variant"])]
     runs, keys = study.manifest["runs"], []
-    for position, (variant, seed, int8) in enumerate(jobs, start=1):
+    for position, (variant, seed, onnx) in enumerate(jobs, start=1):
         name = describe(variant)["variant"]
-        keys.append(run_name(name + INT8 if int8 else name, seed))
-        if keys[-1] in runs:
-            print(f"[{position}/{len(jobs)}] {keys[-1]}: finished in an earlier run, reused", flush=True)
+        wanted = [run_name(name + ONNX, seed), run_name(name + INT8, seed)] if onnx else [run_name(name, seed)]
+        keys += wanted
+        if all(key in runs for key in wanted):
+            print(f"[{position}/{len(jobs)}] {', '.join(wanted)}: finished in an earlier run, reused", flush=True)
             continue
         print(f"[{position}/{len(jobs)}] ", end="")
-        runs[keys[-1]] = (int8_row(runs[run_name(name, seed)], keys[-1], study) if int8 else
-                          run_variant(variant, seed, study))
+        if onnx:
+            runs.update(onnx_rows(runs[run_name(name, seed)], wanted, study))
+        else:
+            runs[wanted[0]] = run_variant(variant, seed, study)
         save_manifest(study.folder, study.manifest)
     rows = [{**study.manifest["dense"], "run": DENSE, "seed": seed} for seed in options.seeds]
     rows += [runs[key] for key in keys]
@@ -586,14 +592,14 @@ def plan_budgets(study, grid):
         save_manifest(study.folder, study.manifest)
 
 
-def int8_row(float_row, key, study):
-    """The INT8 row of a finished (variant, seed): its checkpoint exported as export.py --int8 does (deployed
+def onnx_rows(float_row, keys, study):
+    """{key: row} of the two graphs of a finished (variant, seed), made as export.py --int8 makes them (deployed
     network, BatchNorm folded, parity-checked float32 graph, then QDQ INT8 calibrated on --calib_images of
-    --val_data), saved as <key>.onnx and scored on the test split through onnxruntime as test.py scores it."""
+    --val_data) and saved as <key>.onnx: the float32 graph, INT8's control in the same runtime, and the INT8 graph;
+    both scored on the test split through onnxruntime as test.py scores an .onnx."""
     options = study.options
     source = study.folder / f"{float_row['run']}.pth"
-    target = study.folder / f"{key}.onnx"
-    print(f"{key}: exporting {Path(source).name} and quantising it to INT8", flush=True)
+    print(f"{keys[1]}: exporting {Path(source).name} and quantising it to INT8", flush=True)
     with tempfile.TemporaryDirectory(dir=study.folder, prefix=".tmp_int8_") as folder:
         export = ExportOptions(checkpoint=str(source), output=os.path.join(folder, "float32.onnx"),
                                size=options.measure_size, dynamic=True, int8=True, calib_data=options.val_data,
@@ -605,14 +611,19 @@ def int8_row(float_row, key, study):
             raise UserError(f"the float32 graph of {source} does not match PyTorch in onnxruntime (max abs logit "
                             f"difference {max(row['max_abs_diff'] for row in parity):.2e}), so it is not quantised")
         agreement = export_int8(graph, facts, export)
-        os.replace(int8_path(graph), target)
-    print(f"{key}: saved {target}", flush=True)
-    scores = score_network(OnnxNetwork(target, options.device), study.classes, study.test_set, options)
-    print(f"{key}: test mIoU {100 * scores['test_miou']:.2f}%, crack tolerance F1 "
-          f"{100 * scores['crack_tolerance_f1']:.2f}%", flush=True)
-    return {**float_row, **scores, "variant": float_row["variant"] + INT8, "run": key, "precision": "int8",
-            "int8_agreement": agreement["pixel_agreement"], "family": f"{float_row['family']} + INT8",
-            "val_miou": None}
+        os.replace(int8_path(graph), study.folder / f"{keys[1]}.onnx")
+        os.replace(graph, study.folder / f"{keys[0]}.onnx")
+    rows = {}
+    kinds = ((keys[0], ONNX, ONNX_FLOAT, " + ONNX float32"), (keys[1], INT8, "int8", " + INT8"))
+    for key, ending, precision, family in kinds:
+        scores = score_network(OnnxNetwork(study.folder / f"{key}.onnx", options.device), study.classes,
+                               study.test_set, options)
+        print(f"{key}: saved {key}.onnx; test mIoU {100 * scores['test_miou']:.2f}%, crack tolerance F1 "
+              f"{100 * scores['crack_tolerance_f1']:.2f}%", flush=True)
+        rows[key] = {**float_row, **scores, "variant": float_row["variant"] + ending, "run": key,
+                     "precision": precision, "family": float_row["family"] + family, "val_miou": None,
+                     "int8_agreement": agreement["pixel_agreement"] if precision == "int8" else None}
+    return rows
 
 
 def add_latency(rows, study):
@@ -624,7 +635,7 @@ def add_latency(rows, study):
             row["latency_ms"] = row["speedup"] = None
         return rows
     paths = {row["run"]: options.state_dict if row["run"] == DENSE else
-             study.folder / f"{row['run']}{'.onnx' if row['precision'] == 'int8' else '.pth'}" for row in rows}
+             study.folder / f"{row['run']}{'.pth' if row['precision'] == 'float32' else '.onnx'}" for row in rows}
     print(f"timing the dense network and {len(paths) - 1} checkpoint(s) at {options.measure_size} px: {WARMUP} "
           f"warm-up forwards each, {options.latency_runs} interleaved rounds, on {device_name(study.context.device)}",
           flush=True)
@@ -837,7 +848,8 @@ def _plot_panel(axis, summary, x_key, y_key):
     for label, members in _families(summary).items():
         x = [row[f"{x_key}_mean"] for row in members]
         y = [100 * row[f"{y_key}_mean"] for row in members]
-        style = "s--" if label.endswith("INT8") else "^-" if "budgeted" in label else "o-"
+        style = ("s--" if label.endswith("INT8") else "d:" if label.endswith("ONNX float32") else
+                 "^-" if "budgeted" in label else "o-")
         axis.errorbar(x, y, yerr=_error_bar(members, y_key), fmt=style, capsize=3, label=label)
         points += [(x_value, y_value, _point_label(row)) for row, x_value, y_value in zip(members, x, y)]
     for name, marker, text in ((DENSE, "k*", "dense, untuned"), (TWIN, "kD", "dense fine-tuned")):
