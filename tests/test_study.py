@@ -173,7 +173,7 @@ def test_changes_are_against_the_fine_tuned_twin_and_small_ones_are_marked_withi
     hair = {row["variant"]: row for row in summary_rows(table_rows(
         twin_seeds + [_run("hair", seed, 0.59996, 0.39, 0.0) for seed in (1, 2)]))}["hair"]
     assert hair["test_miou_verdict"] == "within noise"  # -0.004 points shows as -0.00%: not a difference
-    assert hair["crack_tolerance_f1_verdict"] == "below dense (beyond noise)"  # -1 point with zero spread is
+    assert hair["crack_tolerance_f1_verdict"] == "below dense (beyond noise)"  # -1 point, zero spread: real
     single = summary_rows(table_rows([row for row in rows if row["seed"] == 1]))
     assert {row["test_miou_verdict"] for row in single} == {"reference", "one seed: no spread"}
     printed = format_table(summary_rows(table)).splitlines()  # mean ± spread, changes signed, in percent

@@ -597,9 +597,9 @@ def onnx_rows(float_row, keys, study):
     network, BatchNorm folded, parity-checked float32 graph, then QDQ INT8 calibrated on --calib_images of
     --val_data) and saved as <key>.onnx: the float32 graph, INT8's control in the same runtime, and the INT8 graph;
     both scored on the test split through onnxruntime as test.py scores an .onnx."""
-    options = study.options
+    options, (onnx_key, int8_key) = study.options, keys
     source = study.folder / f"{float_row['run']}.pth"
-    print(f"{keys[1]}: exporting {Path(source).name} and quantising it to INT8", flush=True)
+    print(f"{int8_key}: exporting {Path(source).name} and quantising it to INT8", flush=True)
     with tempfile.TemporaryDirectory(dir=study.folder, prefix=".tmp_int8_") as folder:
         export = ExportOptions(checkpoint=str(source), output=os.path.join(folder, "float32.onnx"),
                                size=options.measure_size, dynamic=True, int8=True, calib_data=options.val_data,
@@ -611,10 +611,10 @@ def onnx_rows(float_row, keys, study):
             raise UserError(f"the float32 graph of {source} does not match PyTorch in onnxruntime (max abs logit "
                             f"difference {max(row['max_abs_diff'] for row in parity):.2e}), so it is not quantised")
         agreement = export_int8(graph, facts, export)
-        os.replace(int8_path(graph), study.folder / f"{keys[1]}.onnx")
-        os.replace(graph, study.folder / f"{keys[0]}.onnx")
+        os.replace(int8_path(graph), study.folder / f"{int8_key}.onnx")
+        os.replace(graph, study.folder / f"{onnx_key}.onnx")
     rows = {}
-    kinds = ((keys[0], ONNX, ONNX_FLOAT, " + ONNX float32"), (keys[1], INT8, "int8", " + INT8"))
+    kinds = ((onnx_key, ONNX, ONNX_FLOAT, " + ONNX float32"), (int8_key, INT8, "int8", " + INT8"))
     for key, ending, precision, family in kinds:
         scores = score_network(OnnxNetwork(study.folder / f"{key}.onnx", options.device), study.classes,
                                study.test_set, options)

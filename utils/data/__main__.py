@@ -28,7 +28,7 @@ def _check(split_dir):
     samples = find_samples(split_dir, problems=problems)
     pixels = np.zeros(classes.num_classes, dtype=np.int64)
     images = np.zeros(classes.num_classes, dtype=np.int64)
-    ignored, binary_looking = 0, []
+    ignored, grayscale, binary_looking = 0, 0, []
     for sample in tqdm(samples, desc="checking", leave=False, disable=not progress_enabled()):
         try:
             read_image(sample.image)
@@ -40,10 +40,11 @@ def _check(split_dir):
         pixels += counts[:classes.num_classes]
         images += counts[:classes.num_classes] > 0
         ignored += int(counts[IGNORE_INDEX])
-        only_0_and_255 = counts[IGNORE_INDEX] and counts[[0, IGNORE_INDEX]].sum() == mask.size
-        if sample.label.parent.name == GRAY_DIR and only_0_and_255:
-            binary_looking.append(sample.label)
-    if binary_looking and len(binary_looking) == sum(s.label.parent.name == GRAY_DIR for s in samples):
+        if sample.label.parent.name == GRAY_DIR:
+            grayscale += 1
+            if counts[IGNORE_INDEX] and counts[[0, IGNORE_INDEX]].sum() == mask.size:  # only 0 and 255
+                binary_looking.append(sample.label)
+    if binary_looking and len(binary_looking) == grayscale:
         problems.append(f"every {GRAY_DIR}/ label holds only 0 and 255 (e.g. {binary_looking[0]}): 255 is read as "
                         f"'ignore', so the cracks of a 0/255 binary mask would never be learnt; put such masks under "
                         f"{RGB_DIR}/ (white = crack) with a classes.csv naming background and crack")
