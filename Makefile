@@ -38,3 +38,10 @@ study-demo: venv
 	    --seeds 1 2 --finetune_epochs 1 --crop_size 96 --batch_size 8 --calib_batches 1 \
 	    --measure_size 128 --latency_runs 15 --workers 2 --quiet --name demo_study_seeds \
 	    --output_dir $(STUDY_OUTPUT) $(STUDY_FLAGS)
+
+# docs/results.md, and the manual's figures in imgs/, from the run a maintainer chose (RESULTS_RUN, default results/):
+# every measured number the manual cites, each block stamped with its command, date, machine and commit.
+RESULTS_RUN ?= results
+.PHONY: results
+results: venv
+	$(PY) scripts/render_results.py --results $(RESULTS_RUN) --output docs/results.md --figures imgs

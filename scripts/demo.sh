@@ -63,6 +63,9 @@ $PY study.py --state_dict "$RUN/best.pth" --data "$DATA/train" --val_data "$DATA
     --crop_size 96 --batch_size 8 --calib_batches 1 --measure_size 128 --latency_runs 3 --workers 2 \
     --name demo_study --overwrite --output_dir "$RESULTS"
 
+step "10. results/results.md: the figures above as data, each stamped with its command, date, machine and commit"
+$PY scripts/render_results.py --results "$RESULTS" --output "$RESULTS/results.md"
+
 step "done"
 cat <<EOT
 sample dataset        $DATA/{train,val,test}
