@@ -39,9 +39,11 @@ study-demo: venv
 	    --measure_size 128 --latency_runs 15 --workers 2 --quiet --name demo_study_seeds \
 	    --output_dir $(STUDY_OUTPUT) $(STUDY_FLAGS)
 
-# docs/results.md, and the manual's figures in imgs/, from the run a maintainer chose (RESULTS_RUN, default results/):
+# docs/results.md, and the manual's figures in imgs/, from the outputs a maintainer chose (RESULTS_RUN, default results/;
+# its training runs RESULTS_RUNS):
 # every measured number the manual cites, each block stamped with its command, date, machine and commit.
 RESULTS_RUN ?= results
+RESULTS_RUNS ?= demo demo_pruned
 .PHONY: results
 results: venv
-	$(PY) scripts/render_results.py --results $(RESULTS_RUN) --output docs/results.md --figures imgs
+	$(PY) scripts/render_results.py --results $(RESULTS_RUN) --output docs/results.md --figures imgs --runs $(RESULTS_RUNS)

@@ -1,13 +1,15 @@
-"""Run the README's commands, in the order written, on a scratch copy of the repository and its demo outputs.
+"""Run the manual's commands (README.md, then docs/*.md), in the order written, on a scratch copy of the repository
+and its demo outputs.
 
-    make demo && .venv/bin/python scripts/check_readme.py [--results results] [--keep]
+    make demo && .venv/bin/python scripts/check_readme.py [--results results] [--keep] [DOCUMENT ...]
 
-Every ```bash and ```python block of README.md is run in a fresh copy (the tracked files, `.venv` linked,
-`results/` copied), with `.venv` activated as the README says, and each command's exit status is
-reported; exit status 1 when any failed. A block right after a line `<!-- check_readme: skip REASON -->`
-needs what the demo does not have (the S2DS release, several GPUs, a Jetson) and is only parsed.
-`parse_errors()` (used by tests/test_readme.py) checks that every `python SCRIPT ...` line of the README,
-skipped or not, names a script that exists and flags its argparse accepts, so a renamed flag fails CI.
+Every ```bash and ```python block of the documents (default: README.md and every docs/*.md) is run in one fresh
+copy (the tracked files, `.venv` linked, `results/` copied), with `.venv` activated as the README says, and each
+command's exit status is reported; exit status 1 when any failed. Give one document to check its blocks alone. A
+block right after a line `<!-- check_readme: skip REASON -->` needs what the demo does not have (the S2DS release,
+a GPU, several GPUs, a Jetson, your own photos) and is only parsed. `parse_errors()` (used by tests/test_readme.py)
+checks that every `python SCRIPT ...` line of the manual, skipped or not, names a script that exists and flags its
+argparse accepts, so a renamed flag fails CI.
 """
 import argparse
 import contextlib
@@ -27,9 +29,9 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 SKIP = re.compile(r"<!--\s*check_readme:\s*skip\b(.*?)-->")
 
 
-def blocks(readme):
-    """[(language, text, skip reason or None)] for every ```bash and ```python block, in order."""
-    found, lines, index = [], Path(readme).read_text().splitlines(), 0
+def blocks(document):
+    """[(language, text, skip reason or None)] for every ```bash and ```python block of a Markdown file, in order."""
+    found, lines, index = [], Path(document).read_text().splitlines(), 0
     while index < len(lines):
         opening = FENCE.match(lines[index])
         if not opening or not opening.group(1):
@@ -102,9 +104,16 @@ def parse_error(command):
     return "the script ran without parsing its arguments"
 
 
-def parse_errors(readme=REPO / "README.md"):
-    """[(command, problem)] for every python command of the README whose script or flags do not exist."""
-    return [(command, problem) for language, text, _ in blocks(readme) if language == "bash"
+def manual():
+    """The documents whose command blocks are checked: README.md, then docs/*.md by name."""
+    return [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+
+
+def parse_errors(*documents):
+    """[(command, problem)] for every python command of the documents (default: the manual) whose script or flags
+    do not exist."""
+    return [(command, problem) for document in documents or manual()
+            for language, text, _ in blocks(document) if language == "bash"
             for command in commands(text) if (problem := parse_error(command))]
 
 
@@ -119,10 +128,11 @@ def scratch_copy(results, where):
     shutil.copytree(results, where / "results", symlinks=True)
 
 
-def run_all(readme, where):
-    """Run every command in order; [(command, exit status, last stderr line)]."""
+def run_all(documents, where):
+    """Run every command of the documents in order; [(command, exit status, last stderr line)]."""
     outcome = []
-    for language, text, skip in blocks(readme):
+    for document, (language, text, skip) in ((document, block) for document in documents
+                                             for block in blocks(document)):
         if skip is not None:
             print(f"skipped ({skip}): {commands(text)[0] if language == 'bash' else 'a python block'}")
             continue
@@ -134,29 +144,33 @@ def run_all(readme, where):
             last = (result.stderr.strip().splitlines() or [""])[-1]
             outcome.append((command.splitlines()[0], result.returncode, last))
             status = "ok" if result.returncode == 0 else f"FAILED {result.returncode}"
-            print(f"[{status}] {command.splitlines()[0]}" + (f"\n    {last}" if result.returncode else ""), flush=True)
+            print(f"[{status}] {Path(document).name}: {command.splitlines()[0]}"
+                  + (f"\n    {last}" if result.returncode else ""), flush=True)
     return outcome
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(REPO / "results"), help="the demo outputs (default: results/)")
-    parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("documents", nargs="*", help="Markdown files to run (default: README.md and docs/*.md)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy and say where it is")
     args = parser.parse_args(argv)
-    if not (Path(args.results) / "runs" / "demo" / "best.pth").is_file():
-        sys.exit(f"check_readme: no demo outputs in {args.results}; run `make demo` first")
+    missing = [document for document in args.documents if not Path(document).is_file()]
+    if missing or not (Path(args.results) / "runs" / "demo" / "best.pth").is_file():
+        print(f"check_readme: no such document: {missing[0]}" if missing else
+              f"check_readme: no demo outputs in {args.results}; run `make demo` first", file=sys.stderr)
+        sys.exit(2)
     where = Path(tempfile.mkdtemp(prefix="check_readme_"))
     try:
         scratch_copy(args.results, where)
-        outcome = run_all(args.readme, where)
+        outcome = run_all(args.documents or manual(), where)
     finally:
         if args.keep:
             print(f"scratch copy kept in {where}")
         else:
             shutil.rmtree(where, ignore_errors=True)
     failed = [command for command, status, _ in outcome if status]
-    print(f"{len(outcome) - len(failed)} of {len(outcome)} README commands succeeded")
+    print(f"{len(outcome) - len(failed)} of {len(outcome)} commands of the manual succeeded")
     sys.exit(1 if failed else 0)
 
 

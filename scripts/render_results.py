@@ -54,8 +54,8 @@ class Page:
     relative to it) and, when asked, the folder its figures are copied into (committed pages cannot link into
     the untracked results/)."""
 
-    def __init__(self, output, figures=None):
-        self.output, self.figures = Path(output), Path(figures) if figures else None
+    def __init__(self, output, figures=None, runs=()):
+        self.output, self.figures, self.runs = Path(output), Path(figures) if figures else None, tuple(runs)
         self.machine, self.commit = machine(), git_commit()
 
     def stamp(self, command, source, device=None):
@@ -129,8 +129,10 @@ def skipped(what, expected):
 # --- blocks, one per kind of file a run writes -------------------------------------------------------------
 
 def training_blocks(results, page):
-    """Per run folder: its validations from metrics.csv, its settings from args.json, its curves."""
-    runs = sorted((results / "runs").glob("*/metrics.csv"))
+    """Per run folder (those page.runs names, or all): its validations from metrics.csv, its settings from
+    args.json, its curves."""
+    runs = sorted(path for path in (results / "runs").glob("*/metrics.csv")
+                  if not page.runs or path.parent.name in page.runs)
     if not runs:
         return ["## Training", ""] + skipped("training run", "runs/<run>/metrics.csv")
     lines = []
@@ -303,12 +305,13 @@ def inference_block(results, page):
 BLOCKS = (training_blocks, test_block, pruning_blocks, benchmark_blocks, export_block, study_blocks, inference_block)
 
 
-def render(results, output, figures=None):
-    """The page of every block, written to `output`; returns its text."""
+def render(results, output, figures=None, runs=()):
+    """The page of every block (training runs: those named in `runs`, or all), written to `output`; returns its
+    text."""
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"no results folder {results}; run `make demo` (or give --results)")
-    page = Page(output, figures)
+    page = Page(output, figures, runs)
     lines = ["# Results", "", f"Rendered by `python scripts/render_results.py --results {shown_path(results)}` on "
              f"{datetime.datetime.now().isoformat(sep=' ', timespec='minutes')} from the files a run wrote: every "
              "figure below is read from a file, none is typed. Percentages are of pixels; latencies are medians in "
@@ -351,6 +354,8 @@ def main(argv=None):
     parser.add_argument("--results", default="results", help="the folder a run wrote (default: %(default)s)")
     parser.add_argument("--output", default="results/results.md", help="the page to write (default: %(default)s)")
     parser.add_argument("--figures", help="copy the figures into this folder and link them there (docs: imgs)")
+    parser.add_argument("--runs", nargs="+", default=(), metavar="RUN",
+                        help="the training runs to render (default: every folder under runs/)")
     parser.add_argument("--check", action="store_true",
                         help="instead: list measured figures in README.md and docs/*.md that --page lacks")
     parser.add_argument("--page", default=str(DEFAULT_PAGE), help="the page --check compares with")
@@ -360,7 +365,7 @@ def main(argv=None):
         for document, line, figure in problems:
             print(f"{document}:{line}: {figure} is not in {shown_path(args.page)}; cite the rendered block instead")
         sys.exit(1 if problems else 0)
-    render(args.results, args.output, args.figures)
+    render(args.results, args.output, args.figures, args.runs)
     print(f"wrote {args.output}")
 
 
