@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+import torch
 
 import benchmark
 import export
@@ -13,7 +14,7 @@ from conftest import REPO, assert_user_error, run_script
 from utils.checkpoint import load_model
 from utils.cli import UserError, options_from
 from utils.deploy import (BenchmarkOptions, ExportOptions, LogitsOnly, VariantSpec, add_ratios, add_throughput,
-                          check_parity, format_table, parity_passed, trtexec_command)
+                          benchmark_runs, check_parity, format_table, parity_passed, trtexec_command)
 
 
 def test_export_matches_pytorch_in_onnxruntime(tmp_path, lively_mobilenet_checkpoint, capsys):
@@ -42,12 +43,43 @@ def test_half_export_stores_float16_and_agrees(tmp_path, lively_mobilenet_checkp
     assert [d.dim_value for d in image_type.shape.dim] == [1, 3, 64, 64]
 
 
-def test_parity_rule_float32_needs_1e3_and_float16_needs_98_percent_agreement():
-    assert parity_passed([{"max_abs_diff": 5e-4, "argmax_agreement": 0.9995}], half=False)
-    assert not parity_passed([{"max_abs_diff": 2e-3, "argmax_agreement": 1.0}], half=False)
-    assert not parity_passed([{"max_abs_diff": 0.0, "argmax_agreement": 0.998}], half=False)
-    assert parity_passed([{"max_abs_diff": 2e-2, "argmax_agreement": 0.99}], half=True)
-    assert not parity_passed([{"max_abs_diff": 0.0, "argmax_agreement": 0.97}], half=True)
+def test_parity_rule_float32_is_relative_to_the_logits_scale_and_float16_needs_98_percent_agreement():
+    def row(diff, agreement, scale=10.0):
+        return {"max_abs_diff": diff, "argmax_agreement": agreement, "max_abs_logit": scale}
+
+    assert parity_passed([row(5e-4, 0.9995)], half=False)
+    assert not parity_passed([row(3e-3, 1.0)], half=False)  # over 1e-3 + 1e-4 x 10
+    assert parity_passed([row(2.15e-2, 1.0, scale=4.35e4)], half=False)  # issue 27's correct demo graph
+    assert not parity_passed([row(5.0, 1.0, scale=4.35e4)], half=False)
+    assert not parity_passed([row(2e-2, 1.0, scale=4.35e4), row(2e-2, 1.0)], half=False)  # each shape its own scale
+    assert not parity_passed([row(0.0, 0.998)], half=False)
+    assert parity_passed([row(2e-2, 0.99)], half=True)
+    assert not parity_passed([row(0.0, 0.97)], half=True)
+
+
+@pytest.fixture(scope="module")
+def large_logit_checkpoint(lively_mobilenet_checkpoint, tmp_path_factory):
+    """The lively network with its last convolution scaled by 1e4: correct logits up to about 1.3e4, on which
+    float32 rounding alone differs from PyTorch by more than 1e-3."""
+    checkpoint = torch.load(lively_mobilenet_checkpoint, weights_only=True)
+    checkpoint["model"]["classifier.4.weight"] = checkpoint["model"]["classifier.4.weight"] * 1e4
+    path = tmp_path_factory.mktemp("large") / "large.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_export_passes_a_correct_graph_with_large_logits_and_the_check_fails_a_wrong_one(large_logit_checkpoint,
+                                                                                        tmp_path, capsys):
+    output = tmp_path / "large.onnx"
+    export.main([str(large_logit_checkpoint), "--output", str(output), "--size", "64", "--device", "cpu"])
+    assert "parity check passed" in capsys.readouterr().out
+    model, _ = load_model(large_logit_checkpoint)
+    reference = LogitsOnly(model, 7).eval()
+    rows = check_parity(reference, output, [(1, 64, 64)])
+    assert rows[0]["max_abs_logit"] > 1e3 and rows[0]["max_abs_diff"] > 1e-3  # the old absolute rule failed it
+    with torch.no_grad():  # a wrong graph: one class's bias off by 1% of the logits' scale
+        reference.model.classifier[4].bias[1] += 0.01 * rows[0]["max_abs_logit"]
+    assert not parity_passed(check_parity(reference, output, [(1, 64, 64)]), half=False)
 
 
 def test_export_refuses_to_replace_an_existing_file(tmp_path, mobilenet_checkpoint):
@@ -146,8 +178,10 @@ def test_benchmark_options_build_the_variant_spec_from_the_same_flags(mobilenet_
     args = benchmark.get_args_parser().parse_args([str(mobilenet_checkpoint), "--size", "64", "--batch", "2",
                                                    "--channels_last", "--fold_batchnorm", "False",
                                                    "--output_stride", "16", "--device", "cpu"])
-    options = options_from(BenchmarkOptions, vars(args))
+    [options] = benchmark_runs(vars(args))
     assert options.checkpoints == (str(mobilenet_checkpoint),)
     assert options.variant == VariantSpec(64, 2, "cpu", channels_last=True, fold_batchnorm=False, output_stride=16)
+    two = benchmark.get_args_parser().parse_args([str(mobilenet_checkpoint), "--size", "64", "96"])
+    assert [options.variant.size for options in benchmark_runs(vars(two))] == [64, 96]
     with pytest.raises(UserError, match="--batch must be at least 1"):
         VariantSpec(64, 0, "cpu")

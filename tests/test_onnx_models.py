@@ -59,7 +59,8 @@ def test_int8_export_writes_a_qdq_graph_that_onnxruntime_runs(exported):
     assert match, printed
     assert 0 < float(match.group(1)) <= 100 and 0 < float(match.group(3)) <= 100
     assert "calibrated on 2 image(s)" in printed
-    assert "trtexec --onnx=lively_int8.onnx --int8 --fp16 --saveEngine=lively_int8.engine" in printed
+    assert "trtexec --onnx=lively_int8.onnx --int8" not in printed  # the default cpu recipe: no TensorRT engine
+    assert "lively_int8.onnx is the cpu recipe, uint8 asymmetric, which TensorRT refuses" in printed
 
 
 def _scored_miou(split, weights, output_dir, name):
@@ -80,7 +81,7 @@ def test_test_py_scores_an_onnx_graph_like_its_checkpoint(exported, lively_mobil
     assert fp32["params"] == pth["params"] and fp32["checkpoint"].endswith("lively.onnx")
     assert 0 <= int8["mIoU"] <= 1 and int8["latency per image (ms)"] > 0
     summary = pd.read_excel(tmp_path / "test" / "int8.xlsx", sheet_name="summary").set_index("item")["value"]
-    assert summary["checkpoint format"] == "onnx graph (int8, onnxruntime)"
+    assert summary["checkpoint format"] == "onnx graph (int8 cpu U8S8, onnxruntime)"
     capsys.readouterr()
 
 
@@ -111,11 +112,12 @@ def test_benchmark_times_onnx_files_beside_checkpoints_in_one_table(exported, li
                     "--runs", "2", "--warmup", "1", "--device", "cpu", "--output_dir", str(tmp_path), "--quiet"])
     printed = capsys.readouterr().out
     assert "CPU: " in printed and "INT8-relevant flags" in printed
-    assert re.search(r"lively_int8 \(int8, onnxruntime\): [\d.]+x the speed of lively \(float32, onnxruntime\)",
+    assert re.search(r"lively_int8 \(int8 cpu U8S8, onnxruntime\): [\d.]+x the speed of lively \(float32, "
+                     r"onnxruntime\)",
                      printed), printed
     table = pd.read_csv(tmp_path / "benchmark" / "benchmark.csv")
     assert list(table["backend"]) == ["pytorch", "onnxruntime", "onnxruntime"]
-    assert list(table["dtype"]) == ["float32", "float32", "int8"]
+    assert list(table["dtype"]) == ["float32", "float32", "int8 cpu U8S8"]
     np.testing.assert_allclose(table["gmacs"], table.loc[0, "gmacs"])
     assert (table["median_ms"] > 0).all()
 
@@ -132,9 +134,9 @@ def test_benchmark_refuses_an_onnx_graph_of_another_size(exported, tmp_path):
     (["--int8", "--calib_data", "SPLIT", "--opset", "12"], "--int8 needs --opset 13 or later"),
     (["--int8", "--calib_data", "SPLIT", "--calib_images", "0"], "--calib_images must be at least 1"),
     (["--int8", "--calib_data", "MISSING"], "--calib_data split not found"),
-    (["--int8_weights", "per_channel"], "--int8_weights, --int8_reduce_range and --int8_calibration are only used"),
-    (["--int8_reduce_range"], "--int8_weights, --int8_reduce_range and --int8_calibration are only used with"),
-    (["--int8_calibration", "percentile"], "--int8_calibration are only used with --int8"),
+    (["--int8_weights", "per_tensor"], "--int8_weights, --int8_reduce_range, --int8_calibration and"),
+    (["--int8_reduce_range"], "--int8_reduce_range, --int8_calibration and --int8_float_layers are only used with"),
+    (["--int8_calibration", "percentile"], "--int8_float_layers are only used with --int8"),
 ])
 def test_export_int8_bad_inputs(mobilenet_checkpoint, dataset_dir, tmp_path, flags, fragment):
     flags = [str(dataset_dir / "val") if f == "SPLIT" else str(tmp_path / "nope") if f == "MISSING" else f
@@ -221,15 +223,15 @@ def test_cpu_description_names_the_model_and_the_int8_flags(tmp_path):
 # --- how --int8 quantises: the recipe's options reach the written graph ------------------------------------
 
 @pytest.fixture(scope="module")
-def per_channel_7bit(lively_mobilenet_checkpoint, dataset_dir, tmp_path_factory):
-    """The lively network quantised with per-channel weight scales, 7-bit weights and percentile-clipped
-    activation ranges (the default graph of `exported` has one scale per weight tensor at full 8-bit range and
+def per_tensor_7bit(lively_mobilenet_checkpoint, dataset_dir, tmp_path_factory):
+    """The lively network quantised with one scale per weight tensor, 7-bit weights and percentile-clipped
+    activation ranges (the default graph of `exported` has one scale per output channel at full 8-bit range and
     MinMax ranges)."""
-    output = tmp_path_factory.mktemp("recipes") / "channels.onnx"
+    output = tmp_path_factory.mktemp("recipes") / "tensors.onnx"
     printed = _export(lively_mobilenet_checkpoint, output, "--int8", "--calib_data", dataset_dir / "val",
-                      "--calib_images", "2", "--int8_weights", "per_channel", "--int8_reduce_range",
+                      "--calib_images", "2", "--int8_weights", "per_tensor", "--int8_reduce_range",
                       "--int8_calibration", "percentile")
-    return {"graph": onnx.load(str(output.with_name("channels_int8.onnx"))), "printed": printed}
+    return {"graph": onnx.load(str(output.with_name("tensors_int8.onnx"))), "printed": printed}
 
 
 def _conv_weights(graph):
@@ -245,19 +247,20 @@ def _conv_weights(graph):
     return pairs
 
 
-def test_int8_weights_per_tensor_by_default_and_per_channel_with_7_bits_on_request(exported, per_channel_7bit):
+def test_int8_weights_per_channel_by_default_and_per_tensor_with_7_bits_on_request(exported, per_tensor_7bit):
     default = _conv_weights(onnx.load(str(exported["int8"])))
-    channels = _conv_weights(per_channel_7bit["graph"])
-    assert default and all(scale.ndim == 0 for _, scale in default)  # one scale per weight tensor
-    assert all(scale.shape == (weight.shape[0],) for weight, scale in channels)  # one per output channel
-    assert all(weight.dtype == np.int8 for weight, _ in default + channels)
+    tensors = _conv_weights(per_tensor_7bit["graph"])
+    assert default and all(scale.shape == (weight.shape[0],) for weight, scale in default)  # one per output channel
+    assert tensors and all(scale.ndim == 0 for _, scale in tensors)  # one scale per weight tensor
+    assert all(weight.dtype == np.int8 for weight, _ in default + tensors)
     widest = {name: max(int(np.abs(weight.astype(np.int32)).max()) for weight, _ in pairs)
-              for name, pairs in (("default", default), ("channels", channels))}
-    assert widest["default"] == 127 and widest["channels"] <= 64  # --int8_reduce_range: 7-bit weights
-    assert "int8: QDQ, int8 weights per-tensor, int8 activations symmetric, MinMax calibration" in exported["printed"]
-    assert ("int8: QDQ, 7-bit (reduced range) int8 weights per-channel, int8 activations symmetric, Percentile "
-            "calibration" in per_channel_7bit["printed"])
-    assert re.search(r"pixel agreement [\d.]+% \((meets|is BELOW) the 98% target\)", per_channel_7bit["printed"])
+              for name, pairs in (("default", default), ("tensors", tensors))}
+    assert widest["default"] == 127 and widest["tensors"] <= 64  # --int8_reduce_range: 7-bit weights
+    assert ("int8: U8S8 QDQ for onnxruntime on a CPU: int8 weights per-channel, uint8 asymmetric activations, MinMax "
+            "calibration" in exported["printed"])
+    assert ("int8: U8S8 QDQ for onnxruntime on a CPU: 7-bit (reduced range) int8 weights per-tensor, uint8 asymmetric "
+            "activations, Percentile calibration" in per_tensor_7bit["printed"])
+    assert re.search(r"pixel agreement [\d.]+% \((meets|is BELOW) the 98% target\)", per_tensor_7bit["printed"])
 
 
 def _activation_scales(graph):
@@ -267,9 +270,9 @@ def _activation_scales(graph):
             if node.op_type == "QuantizeLinear" and node.input[0] not in initializers}
 
 
-def test_percentile_calibration_clips_activation_ranges_below_minmax(exported, per_channel_7bit):
+def test_percentile_calibration_clips_activation_ranges_below_minmax(exported, per_tensor_7bit):
     minmax = _activation_scales(onnx.load(str(exported["int8"])))
-    percentile = _activation_scales(per_channel_7bit["graph"])
+    percentile = _activation_scales(per_tensor_7bit["graph"])
     shared = set(minmax) & set(percentile)
     assert len(shared) > 10
     assert all(percentile[name] <= minmax[name] * (1 + 1e-6) for name in shared)
@@ -285,7 +288,7 @@ def test_export_int8_weights_bad_value_exits_2_with_one_line(mobilenet_checkpoin
 
 
 def test_int8_recipe_is_checked_when_made():
-    assert Int8Recipe() == Int8Recipe("per_tensor", False)
+    assert Int8Recipe() == Int8Recipe("cpu", "per_channel", False, "minmax", 0)
     with pytest.raises(UserError, match="--int8_weights must be one of per_tensor, per_channel, got 'per_row'"):
         Int8Recipe(int8_weights="per_row")
     with pytest.raises(UserError, match="--int8_calibration must be one of minmax, percentile, entropy"):

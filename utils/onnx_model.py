@@ -18,9 +18,13 @@ FACTS_PREFIX = "cracksense."
 # checkpoint it came from: MACs are counted by PyTorch at the traced size (macs_size x macs_size).
 FACT_TYPES = {"arch": str, "num_classes": int, "pruned": lambda text: text == "True", "params": int, "macs": int,
               "macs_size": int, "precision": str, "source": str}
-# Stored as JSON where present: the class table ([[id, name, r, g, b], ...], as checkpoints keep it), so test.py
-# scores a graph of a dataset with its own classes; graphs written before it have S2DS's seven classes.
-OPTIONAL_FACTS = ("class_table",)
+# Stored where present, each with its (write, read) pair: the class table as JSON ([[id, name, r, g, b], ...], as
+# checkpoints keep it), so test.py scores a graph of a dataset with its own classes (graphs written before it have
+# S2DS's seven classes); an INT8 graph's target (utils.quantize.INT8_TARGETS: cpu or tensorrt; INT8 graphs written
+# before it are S8S8 symmetric, the tensorrt recipe, and say nothing).
+OPTIONAL_FACTS = {"class_table": (json.dumps, json.loads), "int8_target": (str, str)}
+# How a graph's precision reads to the user where its INT8 target is known: "int8 cpu U8S8"
+INT8_KINDS = {"cpu": "U8S8", "tensorrt": "S8S8"}
 
 
 def is_onnx_path(path):
@@ -30,7 +34,7 @@ def is_onnx_path(path):
 def facts_metadata(facts):
     """The facts as (key, text) pairs for the graph's metadata_props."""
     return ([(FACTS_PREFIX + key, str(facts[key])) for key in FACT_TYPES if key in facts]
-            + [(FACTS_PREFIX + key, json.dumps(facts[key])) for key in OPTIONAL_FACTS if key in facts])
+            + [(FACTS_PREFIX + key, write(facts[key])) for key, (write, _) in OPTIONAL_FACTS.items() if key in facts])
 
 
 def onnx_session(path, device="cpu"):
@@ -64,13 +68,15 @@ def read_facts(session, path):
         raise UserError(f"{path} is not a graph written by this version of export.py (no {', '.join(missing) or 'image/logits'} "
                         f"facts in it); export the checkpoint again with export.py")
     facts = {key: parse(stored[FACTS_PREFIX + key]) for key, parse in FACT_TYPES.items()}
-    for key in OPTIONAL_FACTS:
+    for key, (_, read) in OPTIONAL_FACTS.items():
         if FACTS_PREFIX + key in stored:
             try:
-                facts[key] = json.loads(stored[FACTS_PREFIX + key])
+                facts[key] = read(stored[FACTS_PREFIX + key])
             except json.JSONDecodeError:
                 raise UserError(f"{path}: its {key} is damaged (not JSON); export the checkpoint again with "
                                 f"export.py") from None
+    if facts.get("int8_target") in INT8_KINDS:  # what test.py's and benchmark.py's rows show
+        facts["precision"] = f"{facts['precision']} {facts['int8_target']} {INT8_KINDS[facts['int8_target']]}"
     return facts
 
 

@@ -101,12 +101,27 @@ def add_measurement_options(group):
 
 
 def add_int8_recipe_options(group):
-    """How --int8 quantises (utils.quantize.Int8Recipe): weight scales, 7-bit weights, activation calibration."""
-    group.add_argument("--int8_weights", choices=WEIGHT_SCALES, default="per_tensor",
+    """How --int8 quantises (utils.quantize.Int8Recipe, whose defaults these are): for which runtime, weight scales,
+    7-bit weights, activation calibration, convolutions kept in float."""
+    from utils.quantize import INT8_TARGETS, Int8Recipe
+
+    default = Int8Recipe()
+    group.add_argument("--int8_target", choices=tuple(INT8_TARGETS), default=default.int8_target,
+                       help="where the INT8 graph will run: cpu = onnxruntime on an x86 or ARM CPU (U8S8: uint8 "
+                            "asymmetric activations, int8 weights; what this project's benchmark.py, test.py and "
+                            "study run, and on x86 the only INT8 faster than float32), tensorrt = a TensorRT engine, "
+                            "e.g. on a Jetson (S8S8: int8 symmetric activations, zero points 0, what trtexec --int8 "
+                            "takes) (default: %(default)s; docs/deployment_int8.md)")
+    group.add_argument("--int8_weights", choices=WEIGHT_SCALES, default=default.int8_weights,
                        help="--int8's weight scales: one per weight tensor or one per output channel (default: "
-                            "%(default)s; which agrees better with float32 depends on the network: README, step 3b)")
-    add_bool(group, "--int8_reduce_range", False, "--int8 with 7-bit weights: no int16 saturation in the int8 "
-                                                  "multiply-add of x86 CPUs without VNNI (avx2 only)")
-    group.add_argument("--int8_calibration", choices=tuple(CALIBRATIONS), default="minmax",
+                            "%(default)s; docs/deployment_int8.md has the measured levers)")
+    add_bool(group, "--int8_reduce_range", default.int8_reduce_range,
+             "--int8 with 7-bit weights: no int16 saturation in the uint8 x int8 multiply-add of x86 CPUs without "
+             "VNNI (avx2 only)")
+    group.add_argument("--int8_calibration", choices=tuple(CALIBRATIONS), default=default.int8_calibration,
                        help="--int8's activation ranges: the largest value seen (minmax), or clipped at onnxruntime's "
                             "99.999th percentile (percentile) or by entropy (default: %(default)s)")
+    group.add_argument("--int8_float_layers", type=int, default=default.int8_float_layers, metavar="N",
+                       help="keep in float the N convolutions whose quantisation alone costs the most agreement with "
+                            "float32 on the calibration images, measured one at a time (one extra quantisation per "
+                            "convolution: minutes for a ResNet) (default: %(default)s)")

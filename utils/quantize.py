@@ -2,8 +2,10 @@
 
 QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised operator: what TensorRT builds as an
 explicitly quantised engine and what onnxruntime's CPU provider fuses into integer kernels), int8 weights with
-one scale per tensor (Int8Recipe: per output channel, 7-bit, on request), int8 activations symmetric around zero
-(TensorRT takes only symmetric scales), their ranges MinMax-calibrated on real images read through the project's one normalisation (data.EvalTransform) at the export size.
+one scale per tensor or per output channel (7-bit on request), activation ranges calibrated on real images read
+through the project's one normalisation (data.EvalTransform) at the export size. The activations' integer type is
+the target's (INT8_TARGETS): uint8 with a zero point for onnxruntime on a CPU, int8 symmetric for TensorRT.
+Optionally the convolutions whose quantisation costs the most agreement, measured one at a time, stay in float.
 """
 import logging
 import os
@@ -18,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from utils import data
 from utils.cli import UserError
 from utils.metrics import ConfusionMatrix
-from utils.onnx_model import INPUT_NAME, onnx_input
+from utils.onnx_model import INPUT_NAME, INT8_KINDS, OUTPUT_NAME, onnx_input, onnx_session
 
 WEIGHT_SCALES = ("per_tensor", "per_channel")
 # --int8_calibration's values and the onnxruntime CalibrationMethod each names
@@ -26,29 +28,58 @@ CALIBRATIONS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entr
 
 
 @dataclass(frozen=True)
+class Int8Target:
+    """Where an INT8 graph runs and the activations its runtime is fastest with (weights are int8 and symmetric
+    for both): the onnxruntime QuantType, whether the activations are symmetric (zero point 0), the usual name."""
+    activation_type: str
+    symmetric: bool
+    kind: str
+    runtime: str
+
+
+# --int8_target's values. cpu: onnxruntime's x86 integer kernels multiply uint8 activations by int8 weights
+# (VPMADDUBSW, VNNI's VPDPBUSD); int8 activations are first converted, so S8S8 ran slower than float32 there
+# (docs/deployment_int8.md). tensorrt: explicit quantisation takes symmetric int8 scales only.
+INT8_TARGETS = {"cpu": Int8Target("QUInt8", False, INT8_KINDS["cpu"], "onnxruntime on a CPU"),
+                "tensorrt": Int8Target("QInt8", True, INT8_KINDS["tensorrt"], "TensorRT (trtexec --int8)")}
+DEFAULT_INT8_TARGET = "cpu"  # the graphs this project runs itself (benchmark.py, test.py, the study) run there
+
+
+@dataclass(frozen=True)
 class Int8Recipe:
-    """How --int8 quantises, checked when made: one scale per weight tensor or per output channel
-    (int8_weights), 7-bit weights (int8_reduce_range: no int16 saturation in the int8 multiply-add of x86
-    CPUs without VNNI), and how activation ranges are calibrated (int8_calibration: the largest value seen, or
-    onnxruntime's percentile or entropy clipping). Activations are int8 and symmetric in every recipe (zero point
-    0, as TensorRT's explicit quantisation wants). Which recipe agrees best with float32 depends on the network
-    (README, step 3b): per-tensor MinMax, the default, was best on one demo network, per-channel on the next."""
-    int8_weights: str = "per_tensor"
+    """How --int8 quantises, checked when made: for which runtime (int8_target, INT8_TARGETS), one scale per
+    weight tensor or per output channel (int8_weights), 7-bit weights (int8_reduce_range: no int16 saturation in
+    the uint8 x int8 multiply-add of x86 CPUs without VNNI), how activation ranges are calibrated
+    (int8_calibration: the largest value seen, or onnxruntime's percentile or entropy clipping), and how many
+    convolutions stay in float (int8_float_layers: those whose quantisation alone costs the most agreement with
+    float32 on the calibration images, measured one at a time). Which agrees best depends on the network:
+    docs/deployment_int8.md has the measured levers."""
+    int8_target: str = DEFAULT_INT8_TARGET
+    int8_weights: str = "per_channel"
     int8_reduce_range: bool = False
     int8_calibration: str = "minmax"
+    int8_float_layers: int = 0
 
     def __post_init__(self):
-        if self.int8_weights not in WEIGHT_SCALES:
-            raise UserError(f"--int8_weights must be one of {', '.join(WEIGHT_SCALES)}, got {self.int8_weights!r}")
-        if self.int8_calibration not in CALIBRATIONS:
-            raise UserError(f"--int8_calibration must be one of {', '.join(CALIBRATIONS)}, got "
-                            f"{self.int8_calibration!r}")
+        for option, choices in (("int8_target", INT8_TARGETS), ("int8_weights", WEIGHT_SCALES),
+                                ("int8_calibration", CALIBRATIONS)):
+            if getattr(self, option) not in choices:
+                raise UserError(f"--{option} must be one of {', '.join(choices)}, got {getattr(self, option)!r}")
+        if self.int8_float_layers < 0:
+            raise UserError(f"--int8_float_layers cannot be negative, got {self.int8_float_layers}")
+
+    @property
+    def target(self):
+        return INT8_TARGETS[self.int8_target]
 
     def describe(self):
         """One line for the user: what the INT8 graph is."""
         weights = "7-bit (reduced range) int8" if self.int8_reduce_range else "int8"
-        return (f"QDQ, {weights} weights {self.int8_weights.replace('_', '-')}, int8 activations symmetric, "
-                f"{CALIBRATIONS[self.int8_calibration]} calibration")
+        activations = "int8 symmetric" if self.target.symmetric else "uint8 asymmetric"
+        kept = f", {self.int8_float_layers} most sensitive convolution(s) in float" if self.int8_float_layers else ""
+        return (f"{self.target.kind} QDQ for {self.target.runtime}: {weights} weights "
+                f"{self.int8_weights.replace('_', '-')}, {activations} activations, "
+                f"{CALIBRATIONS[self.int8_calibration]} calibration{kept}")
 
 
 def calibration_set(split_dir, size):
@@ -87,12 +118,13 @@ class _CalibrationReader:
 
 def quantize_int8(fp32_path, int8_path, feeds, recipe=Int8Recipe()):
     """Write int8_path: fp32_path statically quantised by `recipe` (Int8Recipe) with the activation ranges of
-    `feeds`. Returns the seconds it took. The caller writes int8_path atomically (pass the temporary).
+    `feeds`, the recipe's most sensitive convolutions kept in float (sensitive_convolutions). Returns (seconds it
+    took, the names of the convolutions kept in float). The caller writes int8_path atomically (pass the temporary).
 
     The graph is first cleaned by onnxruntime's quantisation pre-processing (shape inference, Identity nodes
-    of shared biases removed), without which the quantiser leaves those convolutions' biases in float.
+    of shared biases removed), without which the quantiser leaves those convolutions' biases in float. The
+    ranges are calibrated once and cached for every quantisation of the same graph.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     started = time.perf_counter()
@@ -101,16 +133,56 @@ def quantize_int8(fp32_path, int8_path, feeds, recipe=Int8Recipe()):
     root.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger for every node it passes
     try:
         with tempfile.TemporaryDirectory() as folder:
-            cleaned = os.path.join(folder, "preprocessed.onnx")
+            cleaned, ranges = os.path.join(folder, "preprocessed.onnx"), os.path.join(folder, "ranges.json")
             quant_pre_process(str(fp32_path), cleaned, skip_symbolic_shape=True)
-            quantize_static(cleaned, str(int8_path), _CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
-                            per_channel=recipe.int8_weights == "per_channel", reduce_range=recipe.int8_reduce_range,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, CALIBRATIONS[recipe.int8_calibration]),
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+            kept = []
+            if recipe.int8_float_layers:
+                ranked = sensitive_convolutions(cleaned, folder, feeds, recipe, ranges)
+                kept = [name for name, _ in ranked[:recipe.int8_float_layers]]
+            _quantize(cleaned, int8_path, feeds, recipe, ranges, kept)
     finally:
         root.setLevel(level)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, kept
+
+
+def _quantize(cleaned, output, feeds, recipe, ranges, excluded=()):
+    """One static QDQ quantisation of the cleaned graph by `recipe`, the nodes `excluded` left in float; the
+    activation ranges are calibrated on `feeds` into the file `ranges`, or read from it when it exists."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    target = recipe.target
+    quantize_static(cleaned, str(output), _CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=recipe.int8_weights == "per_channel", reduce_range=recipe.int8_reduce_range,
+                    activation_type=getattr(QuantType, target.activation_type), weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(excluded), calibration_cache_path=ranges,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATIONS[recipe.int8_calibration]),
+                    extra_options={"ActivationSymmetric": target.symmetric, "WeightSymmetric": True})
+
+
+def convolution_names(path):
+    """The names of the Conv nodes of an ONNX graph, in graph order."""
+    import onnx
+
+    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"]
+
+
+def sensitive_convolutions(cleaned, folder, feeds, recipe, ranges):
+    """[(Conv name, agreement gained), ...], most sensitive first: for each convolution, the graph quantised by
+    `recipe` with only that convolution left in float, its pixel agreement with the float32 graph on `feeds`
+    minus that of the fully quantised graph. One quantisation per convolution (the ranges calibrated once)."""
+    reference = onnx_session(cleaned)
+    expected = [reference.run([OUTPUT_NAME], feed)[0].argmax(1) for feed in feeds]
+
+    def agreement(excluded):
+        candidate = os.path.join(folder, "candidate.onnx")
+        _quantize(cleaned, candidate, feeds, recipe, ranges, excluded)
+        session = onnx_session(candidate)
+        return float(np.mean([(session.run([OUTPUT_NAME], feed)[0].argmax(1) == want).mean()
+                              for feed, want in zip(feeds, expected)]))
+
+    baseline = agreement([])
+    gains = [(name, agreement([name]) - baseline) for name in convolution_names(cleaned)]
+    return sorted(gains, key=lambda pair: -pair[1])
 
 
 def check_calibration_split(split_dir, batch):
