@@ -3,12 +3,12 @@ fine-tuned, scored on the test split as test.py scores it and timed beside the d
 
     python study.py --state_dict results/runs/base/best.pth --data data/train --val_data data/val \\
         --test_data data/test --pruning_ratio 20 40 60 --importance_type Magnitude Taylor --p_value 1 2 \\
-        --iterative_steps 1 5 --finetune_epochs 10 --name r101_study
+        --iterative_steps 1 5 --finetune_steps 500 --finetune_val_every 100 --name r101_study
     python study.py ... --sensitivity     each part (ResNet stage, ASPP, head 3x3 conv) pruned alone, untuned
 
     python study.py ... --importance_type Magnitude Taylor Random --seeds 1 2     with the random control, 2 seeds
 
-Every variant, and a dense twin fine-tuned with the same recipe, epochs and seed (the reference every change is
+Every variant, and a dense twin fine-tuned with the same recipe, steps and seed (the reference every change is
 taken against; the untuned dense row stays, labelled), runs once per --seeds value. Writes OUTPUT_DIR/studies/NAME/:
 one checkpoint per (variant, seed) (NAME/<variant>_seed<S>.pth, for test.py, inference.py, benchmark.py), study.csv
 (one row per (variant, seed): criterion, p, ratio, steps, GMACs, params, latency, speed-up, test mIoU, crack IoU,
@@ -23,8 +23,8 @@ import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_config, add_quiet, options_from, run_main, script_main
 from utils.model import add_output_stride_option
-from utils.options import (add_allow_pickle, add_int8_recipe_options, add_measurement_options, add_output_options,
-                           add_pruning_options, add_system_options, add_tuning_options)
+from utils.options import (add_allow_pickle, add_finetune_options, add_int8_recipe_options, add_measurement_options,
+                           add_output_options, add_pruning_options, add_recipe_options, add_system_options)
 from utils.study import StudyOptions, run
 
 
@@ -46,16 +46,15 @@ def get_args_parser():
              "instead of the grid: prune each part alone (ResNet stage, ASPP, head 3x3 conv) at each ratio with the "
              "first criterion, no fine-tuning, and plot the val mIoU drop per part")
 
-    tuning = parser.add_argument_group("data and fine-tuning (torchvision_pruning.py's names)")
-    tuning.add_argument("--data", metavar="TRAIN_DIR", help="training split: Taylor gradients and fine-tuning")
-    tuning.add_argument("--val_data", metavar="VAL_DIR", help="validation split: picks the best fine-tuning epoch")
+    tuning = parser.add_argument_group("data and recovery (torchvision_pruning.py's names; every arm, the dense twin "
+                                       "included, gets the same budget)")
+    tuning.add_argument("--data", metavar="TRAIN_DIR",
+                        help="training split: Taylor gradients, BatchNorm recalibration and fine-tuning")
+    tuning.add_argument("--val_data", metavar="VAL_DIR", help="validation split: picks the best fine-tuning step")
     tuning.add_argument("--test_data", metavar="TEST_DIR", help="test split: every variant is scored on it")
-    tuning.add_argument("--finetune_epochs", type=int, default=10,
-                        help="fine-tuning epochs after pruning, the best by val mIoU kept (default: %(default)s)")
-    tuning.add_argument("--step_finetune_epochs", type=int, default=1,
-                        help="fine-tuning epochs after each step of a schedule of several steps "
-                             "(torchvision_pruning.py's --finetune_epochs) (default: %(default)s)")
-    add_tuning_options(tuning)
+    add_finetune_options(tuning)
+    add_recipe_options(parser, "the value the dense network was trained with (its checkpoint's args), else the "
+                               "default")
 
     int8 = parser.add_argument_group("INT8 after pruning")
     int8.add_argument("--int8", nargs="*", default=None, metavar="VARIANT",

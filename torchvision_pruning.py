@@ -6,8 +6,9 @@
         --model_name NAME --state_dict W.pth
 
 Removes --pruning_ratio percent of the channels of every prunable layer (the class-producing
-convolutions are never pruned), in --iterative_steps equal steps, optionally fine-tuning on --data
-after each step and scoring on --val_data. Writes OUTPUT_DIR/pruned/NAME.pth (our checkpoint format
+convolutions are never pruned), in --iterative_steps equal steps; with --data, re-estimates BatchNorm
+statistics after each step (--bn_recalibrate) and fine-tunes --finetune_steps with the recipe the network
+was trained with (--distill: learning from the dense network too), keeping the best step by --val_data. Writes OUTPUT_DIR/pruned/NAME.pth (our checkpoint format
 with the pruning history: loads with weights_only=True; train.py --pruned_model and test.py take it)
 and NAME_steps.csv (per step: ratio, MACs, params, val mIoU, seconds).
 
@@ -23,9 +24,9 @@ import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_config, add_quiet, options_from, run_main, script_main
 from utils.model import ARCHS, INITS, add_output_stride_option
-from utils.options import (add_allow_pickle, add_measurement_options, add_output_options, add_pruning_options,
-                           add_system_options, add_tuning_options)
-from utils.pruning import PruneRun, run
+from utils.options import (add_allow_pickle, add_finetune_options, add_measurement_options, add_output_options,
+                           add_pruning_options, add_recipe_options, add_system_options)
+from utils.prune_run import PruneRun, run
 
 
 def get_args_parser():
@@ -66,15 +67,15 @@ def get_args_parser():
     budget.add_argument("--plan", metavar="FILE.json", default=None,
                         help="replay a saved NAME_plan.json: its per-part ratios, no new measurements")
 
-    tuning = parser.add_argument_group("data: Taylor gradients, fine-tuning and scoring between steps")
+    tuning = parser.add_argument_group("data and recovery: Taylor gradients, BatchNorm recalibration, fine-tuning, "
+                                       "scoring")
     tuning.add_argument("--data", metavar="TRAIN_DIR",
-                        help="training split; required by Taylor and by --finetune_epochs")
+                        help="training split: Taylor's gradients, BatchNorm recalibration and fine-tuning")
     tuning.add_argument("--val_data", metavar="VAL_DIR",
-                        help="score the val mIoU after every step; needed by --target_gmacs/--target_latency_ms")
-    tuning.add_argument("--finetune_epochs", type=int, default=0,
-                        help="epochs of fine-tuning on --data after every step; 0 = none, as in the thesis "
-                             "(default: %(default)s)")
-    add_tuning_options(tuning)
+                        help="score the val mIoU after every step and keep the best fine-tuning step; needed by "
+                             "--target_gmacs/--target_latency_ms")
+    add_finetune_options(tuning)
+    add_recipe_options(parser, "the value the network was trained with (its checkpoint's args), else the default")
 
     output = parser.add_argument_group("output")
     add_output_options(output, "an existing OUTPUT_DIR/pruned/NAME.pth")

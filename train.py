@@ -9,10 +9,8 @@ import argparse
 
 from utils.cli import (ArgumentParser, add_bool, add_config, add_quiet, bool_or_auto, cap_workers, check_batch_memory,
                        options_from, run_main, script_main, str2bool)
-from utils.losses import LOSSES
 from utils.model import ARCHS, INITS, OUTPUT_STRIDES
-from utils.options import add_allow_pickle, add_output_options, add_system_options
-from utils.recipe import OPTIMIZERS
+from utils.options import add_allow_pickle, add_output_options, add_recipe_options, add_system_options
 from utils.training import RUN_DEFAULTS, TrainOptions, run
 
 
@@ -48,34 +46,22 @@ def get_args_parser():
                                                 "top of --pruned_model", metavar="W.pth")
     add_allow_pickle(model)
 
-    optim = parser.add_argument_group("optimisation (a --resume run keeps its own; only --epochs may change)")
-    setting(optim, "--epochs", "passes over the training split", type=int)
-    setting(optim, "--steps", "optimisation steps instead of --epochs (rounded up to whole epochs)", type=int)
-    setting(optim, "--max_minutes", "time budget from the start: after epoch 1 (and after each validation) the "
-                                    "run sizes its epochs and its poly schedule to end within it; replaces --epochs",
+    setting(model, "--teacher", "with --distill: the network the student learns from (e.g. the dense network a "
+                                "--pruned_model was cut from)", metavar="T.pth")
+
+    schedule = parser.add_argument_group("schedule (a --resume run keeps its own; only --epochs may change)")
+    setting(schedule, "--epochs", "passes over the training split", type=int)
+    setting(schedule, "--steps", "optimisation steps instead of --epochs (rounded up to whole epochs)", type=int)
+    setting(schedule, "--max_minutes", "time budget from the start: after epoch 1 (and after each validation) the "
+                                       "run sizes its epochs and its poly schedule to end within it; replaces --epochs",
             type=float)
-    setting(optim, "--val_every", "validate (and save last.pth/best.pth) after epoch 1, every N-th epoch and the "
-                                  "last", type=int)
-    setting(optim, "--batch_size", "images per step per process", type=int)
-    setting(optim, "--crop_size", "random crop side in px", type=int)
-    setting(optim, "--scale_range", "random rescale factors of a training image before cropping",
-            type=float, nargs=2, metavar=("LOW", "HIGH"))
-    setting(optim, "--cat_max_ratio", "redraw a crop (up to 10 times) while one class covers more than this "
-                                      "fraction of it, so rare classes are seen (mmsegmentation's rule; None: off)",
-            type=float)
-    setting(optim, "--eval_size", "validation images resized to this shorter side (None: native resolution)",
+    setting(schedule, "--val_every", "validate (and save last.pth/best.pth) after epoch 1, every N-th epoch and the "
+                                     "last", type=int)
+    setting(schedule, "--eval_size", "validation images resized to this shorter side (None: native resolution)",
             type=int)
-    setting(optim, "--lr", "initial learning rate, poly decay", type=float)
-    setting(optim, "--optimizer", "", choices=OPTIMIZERS)
-    setting(optim, "--weight_decay", "", type=float)
-    setting(optim, "--loss", "ce, ce_weighted (class weights from the training labels), dice, ce_dice", choices=LOSSES)
-    setting(optim, "--skeleton_recall", "weight of the skeleton recall loss on the crack class (the share of the "
-                                        "labelled cracks' centre lines the prediction covers); 0: off", type=float)
-    setting(optim, "--patience", "stop after this many epochs without a better val mIoU; 0 = never", type=int)
-    setting(optim, "--amp", "mixed precision in --amp_dtype; auto: on for GPUs and for CPUs with bfloat16 "
-                            "kernels (AVX-512/AMX), off where bfloat16 is emulated", type=bool_or_auto)
-    setting(optim, "--seed", "", type=int)
-    setting(optim, "--deterministic", "deterministic algorithms (slower)", type=str2bool)
+    setting(schedule, "--patience", "stop after this many epochs without a better val mIoU; 0 = never", type=int)
+    setting(schedule, "--seed", "", type=int)
+    add_recipe_options(parser, "a new run takes the default, a --resume run its own (a different value is refused)")
 
     system = add_system_options(parser, workers=4)
     add_bool(system, "--resume", False, "continue RUN_NAME from its last.pth")

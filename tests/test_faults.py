@@ -169,7 +169,7 @@ def _writers():
     from utils.checkpoint import save_atomic
     from utils.inference import save_png
     from utils.report import Table, plot_curves, write_csv, write_workbook
-    from utils.study import save_manifest
+    from utils.study.manifest import save_manifest
 
     curves = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_miou": 0.1, "val_pixel_acc": 0.5, "lr": 0.01}]
     return {
@@ -305,7 +305,7 @@ def test_study_on_a_filling_disk(tmp_path, mobilenet_checkpoint, dataset_dir, di
     out = tmp_path / "out"
     argv = ["--state_dict", mobilenet_checkpoint, "--data", dataset_dir / "train", "--val_data", dataset_dir / "val",
             "--test_data", dataset_dir / "test", "--pruning_ratio", "30", "--importance_type", "Magnitude",
-            "--finetune_epochs", "0", "--calib_batches", "1", "--batch_size", "2", "--crop_size", "64",
+            "--finetune_steps", "0", "--calib_batches", "1", "--batch_size", "2", "--crop_size", "64",
             "--measure_size", "64", "--latency_runs", "0", "--workers", "0", "--device", "cpu", "--name", "grid",
             "--output_dir", out]
     disk.fill_at(count, kind)

@@ -22,7 +22,7 @@ from utils.checkpoint import load_model, make_checkpoint, save_atomic
 from utils.cli import UserError, options_from, usable_cpus
 from utils.data import ClassTable, S2DSDataset, collate, train_transform
 from utils.losses import SegmentationLoss
-from utils.pruning import PruneRun
+from utils.prune_run import PruneRun
 from utils.prune_ops import build_pruner, make_importance, prune_step, ratio_fraction, taylor_gradients
 from utils.study import StudyOptions
 
@@ -164,7 +164,7 @@ def test_the_seed_command_parses_as_written():
         "--state_dict W.pth --keep_feature_extract False".split())
     assert (args.pruning_ratio, args.importance_type, args.p_value, args.model_name, args.iterative_steps,
             args.state_dict, args.keep_feature_extract) == (50.0, "Magnitude", 2, "NAME", 5, "W.pth", False)
-    assert (args.finetune_epochs, args.overwrite, args.device) == (0, False, "auto")
+    assert (args.finetune_steps, args.overwrite, args.device) == (0, False, "auto")
 
 
 def _option_fields(spec):
@@ -189,7 +189,7 @@ def test_pruning_options_are_checked_and_settled_when_made(mobilenet_checkpoint,
             "--workers", "1000", "--device", "auto"]
     options = options_from(PruneRun, vars(torchvision_pruning.get_args_parser().parse_args(argv)))
     assert options.device in ("cpu", "cuda") and options.prune.workers == usable_cpus()
-    assert options.prune.importance_type == "LAMP" and options.tuning.crop_size == 512
+    assert options.prune.importance_type == "LAMP" and options.prune.recipe.crop_size is None  # settled at the run
     assert capsys.readouterr().out.count("note: --workers 1000") == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.prune.pruning_ratio = 10
@@ -266,8 +266,8 @@ def test_resnet101_half_quarter_macs_and_exact_reload(tmp_path, resnet101_checkp
 def test_iterative_taylor_with_finetuning_and_steps_table(tmp_path, dataset_dir, mobilenet_checkpoint, capsys):
     path = prune(tmp_path, "--pruning_ratio", 50, "--importance_type", "Taylor", "--model_name", "taylor",
                  "--iterative_steps", 2, "--state_dict", mobilenet_checkpoint, "--data", dataset_dir / "train",
-                 "--val_data", dataset_dir / "val", "--finetune_epochs", 1, "--calib_batches", 1, "--batch_size",
-                 2, "--crop_size", 64)
+                 "--val_data", dataset_dir / "val", "--step_finetune_steps", 2, "--finetune_steps", 2,
+                 "--calib_batches", 1, "--batch_size", 2, "--crop_size", 64)
     steps = pd.read_csv(tmp_path / "pruned" / "taylor_steps.csv")
     assert steps["step"].tolist() == [0, 1, 2] and steps["pruning_ratio"].tolist() == [0, 25, 50]
     assert steps["macs"].is_monotonic_decreasing and steps["params"].iloc[-1] < steps["params"].iloc[0]
@@ -275,7 +275,8 @@ def test_iterative_taylor_with_finetuning_and_steps_table(tmp_path, dataset_dir,
     out = capsys.readouterr().out
     assert "val mIoU" in out and "latency" not in out.splitlines()[-1]  # --latency_runs 0
     network, metadata = load_model(path)
-    assert metadata["importance"] == "Taylor" and metadata["finetune_epochs"] == 1 and len(metadata["steps"]) == 3
+    assert metadata["importance"] == "Taylor" and metadata["finetune_steps"] == 2 and len(metadata["steps"]) == 3
+    assert metadata["args"]["batch_size"] == 2 and metadata["args"]["bn_recalibrate"] == 20
     assert all(layer.out_channels == 7 for layer in models.head_layers(network))
 
 
@@ -361,9 +362,14 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, pruned_mobilenet):
     (["--pruning_ratio", "50", "--p_value", "0"], "--p_value"),
     (["--pruning_ratio", "50", "--importance_type", "Entropy"], "unknown --importance_type"),
     (["--pruning_ratio", "50", "--importance_type", "Taylor"], "needs --data"),
-    (["--pruning_ratio", "50", "--finetune_epochs", "1"], "needs --data"),
+    (["--pruning_ratio", "50", "--finetune_steps", "1"], "needs --data"),
     (["--pruning_ratio", "50", "--importance_type", "Taylor", "--data", "x", "--calib_mode", "train",
       "--batch_size", "1"], "at least 2"),
+    (["--pruning_ratio", "50", "--finetune_steps", "10", "--finetune_minutes", "1"], "give one"),
+    (["--pruning_ratio", "50", "--finetune_minutes", "nan"], "finite"),
+    (["--pruning_ratio", "50", "--bn_recalibrate", "-1"], "at least 0"),
+    (["--pruning_ratio", "50", "--distill", "1"], "acts during fine-tuning"),
+    (["--pruning_ratio", "nan"], "finite"),
     (["--pruning_ratio", "50", "--arch", "deeplabv3_resnet101"], "not --arch deeplabv3_resnet101"),
 ])
 def test_bad_values_refused(tmp_path, mobilenet_checkpoint, argv, fragment):
@@ -437,7 +443,7 @@ def test_greedy_plan_cuts_the_part_that_saves_most_per_miou_lost_then_bisects_to
     """Part a saves 0.5 per percent and costs no accuracy up to 50%, then a lot; b saves 0.3 per percent and
     costs a little: a goes to 50% first, then b, and the last cut is bisected to the whole percent that meets the
     target. The real cost here is exactly additive, so the result can be checked by hand."""
-    from utils.pruning import greedy_percents
+    from utils.planning import greedy_percents
 
     rows = [{"prefix": prefix, "pruning_ratio": percent, "cost": 100 - per_percent * percent,
              "val_miou_drop": drop(percent)}
@@ -458,9 +464,9 @@ def test_greedy_plan_cuts_the_part_that_saves_most_per_miou_lost_then_bisects_to
 def test_target_gmacs_lands_within_3_percent_at_or_below_and_the_plan_replays(tmp_path, dataset_dir,
                                                                               mobilenet_checkpoint, capsys,
                                                                               monkeypatch):
-    from utils import pruning
+    from utils import planning
 
-    monkeypatch.setattr(pruning, "RATIO_STEP", 30)  # 30, 60, 90% per part: a third of the probes of the default 10
+    monkeypatch.setattr(planning, "RATIO_STEP", 30)  # 30, 60, 90% per part: a third of the probes of the default 10
     dense_macs = models.count_macs(load_model(mobilenet_checkpoint)[0], 64)[0]
     target = round(0.6 * dense_macs / 1e9, 4)
     path = prune(tmp_path, "--target_gmacs", target, "--val_data", dataset_dir / "val", "--model_name", "budget",

@@ -378,7 +378,7 @@ def test_scripts_refuse_bad_names_devices_and_options_in_one_line(tmp_path, data
 
 @pytest.mark.parametrize("content", ['{"settings": {"arch": "deeplabv3_resnet', "[1, 2]", "\xff\xfe"])
 def test_damaged_study_manifest_is_named_as_damaged(tmp_path, content):
-    from utils.study import MANIFEST, open_study
+    from utils.study.manifest import MANIFEST, open_study
 
     manifest = tmp_path / MANIFEST
     manifest.write_bytes(content.encode("latin-1"))

@@ -16,15 +16,18 @@ from conftest import REPO, assert_user_error, run_script
 from utils import data, model as models
 from utils.cli import UserError
 from utils.losses import SegmentationLoss
-from utils.pruning import PruneData, PruneOptions, prune_in_steps
-from utils.study import (_error_bar, _plot_panel, format_table, layers_outside, network_parts, summary_rows,
-                         table_rows, variant_grid)
+from utils.finetune import PruneData
+from utils.prune_ops import layers_outside, network_parts
+from utils.pruning import PruneOptions, prune_in_steps
+from utils.study.grid import variant_grid
+from utils.study.plots import _error_bar, _plot_panel
+from utils.study.tables import format_table, summary_rows, table_rows
 
 
 def study_command(checkpoint, dataset_dir, out, name="grid", ratios=("30", "50")):
     return ["study.py", "--state_dict", checkpoint, "--data", dataset_dir / "train", "--val_data",
             dataset_dir / "val", "--test_data", dataset_dir / "test", "--pruning_ratio", *ratios,
-            "--importance_type", "Magnitude", "Random", "--seeds", "1", "2", "--finetune_epochs", "1",
+            "--importance_type", "Magnitude", "Random", "--seeds", "1", "2", "--finetune_steps", "2",
             "--calib_batches", "1",
             "--batch_size", "2", "--crop_size", "64", "--measure_size", "64", "--latency_runs", "1",
             "--workers", "0", "--device", "cpu", "--name", name, "--output_dir", out]
@@ -127,7 +130,7 @@ def test_study_resumes_after_kill_and_matches_test_py(mobilenet_checkpoint, data
 ])
 def test_bad_grids_are_refused_in_one_line(mobilenet_checkpoint, dataset_dir, tmp_path, options, fragment):
     result = run_script("study.py", "--state_dict", mobilenet_checkpoint, "--test_data", dataset_dir / "test",
-                        "--finetune_epochs", "0", "--name", "bad", "--output_dir", tmp_path, *options)
+                        "--finetune_steps", "0", "--name", "bad", "--output_dir", tmp_path, *options)
     assert_user_error(result, fragment)
     assert not (tmp_path / "studies").exists()
 
@@ -149,7 +152,7 @@ def test_grid_takes_random_as_a_control_without_a_norm():
 
 def _run(variant, seed, miou, f1, ratio=50.0):
     return {"variant": variant, "run": f"{variant}_seed{seed}", "seed": seed, "criterion": variant, "p_value": None,
-            "pruning_ratio": ratio, "steps": 1, "family": variant, "macs": 2e9, "params": 1e6, "best_epoch": 1,
+            "pruning_ratio": ratio, "steps": 1, "family": variant, "macs": 2e9, "params": 1e6, "best_step": 1,
             "val_miou": miou, "test_miou": miou, "crack_iou": f1, "crack_tolerance_f1": f1, "latency_ms": 10.0,
             "speedup": 1.0, "target_gmacs": None, "plan": None, "precision": "float32", "int8_agreement": None}
 
@@ -209,8 +212,7 @@ def test_sensitivity_prunes_only_the_part_asked_for(mobilenet_checkpoint):
     model = copy.deepcopy(dense)
 
     options = PruneOptions(importance_type="Magnitude", p_value=2, pruning_ratio=50, iterative_steps=1,
-                           global_pruning=False, round_to=None, finetune_epochs=0, calib_batches=1, calib_mode="eval",
-                           seed=0, optimizer="sgd", lr=0.01, weight_decay=0.0, batch_size=2, workers=0)
+                           global_pruning=False, round_to=None, calib_batches=1, calib_mode="eval", seed=0, workers=0)
     prune_in_steps(model, options, PruneData(), None, lambda *_: None, layers_outside(model, parts["ASPP"]))
     before, after = dict(dense.named_modules()), dict(model.named_modules())
     changed = {name for name, module in after.items() if isinstance(module, torch.nn.Conv2d)
@@ -232,7 +234,7 @@ def test_study_options_are_checked_and_settled_when_made(mobilenet_checkpoint, d
     from utils.study import StudyOptions
 
     argv = ["--state_dict", str(mobilenet_checkpoint), "--test_data", str(dataset_dir / "test"), "--pruning_ratio",
-            "30", "50", "--name", "checked", "--finetune_epochs", "0", "--workers", "1000"]
+            "30", "50", "--name", "checked", "--finetune_steps", "0", "--workers", "1000"]
     options = options_from(StudyOptions, vars(study.get_args_parser().parse_args(argv)))
     assert options.device in ("cpu", "cuda") and options.workers == usable_cpus()
     assert options.pruning_ratio == (30.0, 50.0) and options.seed == 42
@@ -240,7 +242,7 @@ def test_study_options_are_checked_and_settled_when_made(mobilenet_checkpoint, d
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.device = "cpu"
     with pytest.raises(UserError, match="--val_data"):
-        options_from(StudyOptions, vars(study.get_args_parser().parse_args(argv + ["--finetune_epochs", "1",
+        options_from(StudyOptions, vars(study.get_args_parser().parse_args(argv + ["--finetune_steps", "1",
                                                                                  "--data", "x"])))
 
 

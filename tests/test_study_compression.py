@@ -7,8 +7,9 @@ import torch
 from conftest import assert_user_error, run_script
 from utils.checkpoint import load_model
 from utils.cli import UserError
-from utils.pruning import Budget, PruneOptions, uniform_ratio_for
-from utils.study import variant_grid
+from utils.planning import Budget, uniform_ratio_for
+from utils.pruning import PruneOptions
+from utils.study.grid import variant_grid
 
 BUDGET = 0.09  # GMACs at 64 px; the untrained DeepLabV3-MobileNetV3 costs 0.156
 
@@ -35,8 +36,7 @@ def test_a_budget_uniform_pruning_cannot_meet_is_refused_in_one_line(mobilenet_c
     """(That the ratio found just meets a reachable budget is checked on the study's rows below.)"""
     dense, _ = load_model(mobilenet_checkpoint)
     tuning = PruneOptions(importance_type="Magnitude", p_value=2, pruning_ratio=None, iterative_steps=1,
-                          global_pruning=False, round_to=None, finetune_epochs=0, calib_batches=1, calib_mode="eval",
-                          seed=0, optimizer="sgd", lr=0.01, weight_decay=0.0, batch_size=2, workers=0)
+                          global_pruning=False, round_to=None, calib_batches=1, calib_mode="eval", seed=0, workers=0)
     with pytest.raises(UserError, match="not below the dense network's 0.156 GMACs"):
         uniform_ratio_for(Budget("gmacs", 0.2, 64, "cpu", 0), dense, tuning)
     with pytest.raises(UserError, match="below what uniform pruning reaches"):
@@ -46,7 +46,7 @@ def test_a_budget_uniform_pruning_cannot_meet_is_refused_in_one_line(mobilenet_c
 def _study(checkpoint, dataset_dir, out, *extra):
     return ["study.py", "--state_dict", checkpoint, "--data", dataset_dir / "train", "--val_data",
             dataset_dir / "val", "--test_data", dataset_dir / "test", "--importance_type", "Magnitude", "--seeds", "1",
-            "--finetune_epochs", "0", "--batch_size", "2", "--crop_size", "64", "--measure_size", "64",
+            "--finetune_steps", "0", "--batch_size", "2", "--crop_size", "64", "--measure_size", "64",
             "--latency_runs", "1", "--workers", "0", "--device", "cpu", "--name", "budget", "--output_dir", out,
             *extra]
 

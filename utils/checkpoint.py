@@ -13,7 +13,7 @@ from utils.cli import UserError
 from utils.data import S2DS_CLASSES, ClassTable
 from utils.distributed import unwrap
 from utils.files import refuse_existing, replace_atomically
-from utils.model import ARCHS, build, has_aux, output_stride, set_output_stride
+from utils.model import ARCHS, build, has_aux, output_stride, set_output_stride, tag
 from utils.prune_ops import replay_pruning_history
 
 FORMAT = "cracksense-checkpoint"
@@ -64,29 +64,30 @@ def _strip_prefix(state_dict):
 
 
 def infer_arch(state_dict):
-    """Guess the architecture of a plain state_dict from its key names."""
-    keys = state_dict.keys()
-    if any(k.startswith("classifier.cbr") for k in keys):
-        return "lraspp_mobilenet_v3_large"
-    if "backbone.conv1.weight" in keys:
-        blocks = {int(m.group(1)) for k in keys if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
-        return "deeplabv3_resnet101" if blocks and max(blocks) >= 6 else "deeplabv3_resnet50"
-    if any(k.startswith("backbone.0.") for k in keys):
-        return "deeplabv3_mobilenet_v3_large"
-    raise UserError("cannot tell the architecture of this state_dict (no DeepLabV3/LRASPP keys)")
+    """The architecture of a plain state_dict: the ARCHS entry whose signature its keys show (a head key, a backbone
+    key, and the ResNet's layer3 block count where it has one)."""
+    keys = list(state_dict.keys())
+    blocks = {int(m.group(1)) for k in keys if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+    for arch, entry in ARCHS.items():
+        head, backbone, layer3 = entry.signature
+        if any(k.startswith(head) for k in keys) and any(k.startswith(backbone) for k in keys) and \
+                (layer3 is None or (blocks and max(blocks) + 1 == layer3)):
+            return arch
+    raise UserError(f"cannot tell the architecture of this state_dict (its keys match none of {', '.join(ARCHS)})")
 
 
-def _num_outputs(state_dict):
-    for key in ("classifier.4.weight", "classifier.high_classifier.weight"):
-        if key in state_dict:
-            return int(state_dict[key].shape[0])
+def _num_outputs(state_dict, arch):
+    """The class count of a plain state_dict: the output channels of the architecture's first head present."""
+    for head in ARCHS[arch].heads:
+        if f"{head}.weight" in state_dict:
+            return int(state_dict[f"{head}.weight"].shape[0])
     raise UserError("cannot find the classifier weight in this state_dict")
 
 
 def _from_state_dict(state_dict, source):
     state_dict = _strip_prefix(state_dict)
     arch = infer_arch(state_dict)
-    outputs = _num_outputs(state_dict)
+    outputs = _num_outputs(state_dict, arch)
     classes = S2DS_CLASSES.num_classes if outputs == S2DS_CLASSES.num_classes + 1 else outputs  # thesis' 8th
     return {
         "format": "state_dict", "version": 0, "arch": arch,
@@ -125,7 +126,7 @@ def read_checkpoint(path, allow_pickle=False):
     if isinstance(obj, torch.nn.Module):
         checkpoint = _from_state_dict(obj.state_dict(), path)
         checkpoint["format"] = "pickled_model"
-        checkpoint["module"] = obj
+        checkpoint["module"] = tag(obj, checkpoint["arch"])
         return checkpoint
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")

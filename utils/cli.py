@@ -9,6 +9,7 @@ import errno
 import typing
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -357,6 +358,22 @@ def check_batch_memory(images, side, options):
     if needed > memory:
         raise UserError(f"{options} ({images} x {side}x{side} px) needs {needed / 2**30:,.0f} GiB for the input "
                         f"batch alone, more than this machine's {memory / 2**30:,.0f} GiB of memory; lower them")
+
+
+def check_number(option, value, minimum=None, above=None, maximum=None):
+    """The one check of a numeric option: finite (no NaN, no inf), at least `minimum`, more than `above`, at most
+    `maximum`; one line naming the option and the value otherwise. None (not given) passes."""
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"--{option} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise UserError(f"--{option} must be at least {minimum:g}, got {value:g}")
+    if above is not None and value <= above:
+        raise UserError(f"--{option} must be more than {above:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise UserError(f"--{option} must be at most {maximum:g}, got {value:g}")
+    return value
 
 
 def percent_or_fraction_hint(value):

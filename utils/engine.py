@@ -43,6 +43,16 @@ def native_mixed_precision(device):
         return False
 
 
+def mixed_precision(amp, device, requested_dtype="auto"):
+    """(on, dtype, GradScaler or None) of a Recipe's --amp (auto: native_mixed_precision) on `device`: bfloat16
+    needs no scaler, float16 does and runs on CUDA only."""
+    enabled = native_mixed_precision(device) if amp == "auto" else bool(amp)
+    dtype = amp_dtype(device, requested_dtype)
+    if enabled and dtype == torch.float16 and device.type != "cuda":
+        raise UserError("--amp_dtype float16 needs a CUDA GPU; on the CPU use bfloat16 (or auto)")
+    return enabled, dtype, torch.amp.GradScaler("cuda") if enabled and dtype == torch.float16 else None
+
+
 def autocast(device, enabled, dtype=None):
     """Mixed precision in one place, in `dtype` (default: amp_dtype(device))."""
     return torch.autocast(device.type, dtype=dtype or amp_dtype(device), enabled=enabled)
@@ -69,13 +79,15 @@ def _freeze_frozen_batchnorm(model):
 @dataclass(frozen=True)
 class TrainStep:
     """What one optimisation step is made of: the loss, the optimiser, its per-step schedule, the float16 GradScaler
-    (None: none), and mixed precision (on or off, in `amp_dtype`, None: amp_dtype(device))."""
+    (None: none), mixed precision (on or off, in `amp_dtype`, None: amp_dtype(device)), and a teacher's
+    distillation term added to the loss (losses.Distillation; None: none)."""
     criterion: Callable
     optimizer: torch.optim.Optimizer
     scheduler: object = None
     scaler: object = None
     amp: bool = False
     amp_dtype: torch.dtype | None = None
+    distillation: object = None
 
 
 def train_one_epoch(model, loader, step, device, epoch, progress=True):
@@ -94,7 +106,10 @@ def train_one_epoch(model, loader, step, device, epoch, progress=True):
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast(device, step.amp, step.amp_dtype):
-            loss = step.criterion(model(images), masks)
+            output = model(images)
+            loss = step.criterion(output, masks)
+            if step.distillation is not None:
+                loss = loss + step.distillation.loss(output, images)
         _optimise(step, loss)
         loss_sum += loss.detach() * images.shape[0]
         samples += images.shape[0]
@@ -108,6 +123,28 @@ def train_one_epoch(model, loader, step, device, epoch, progress=True):
     if not math.isfinite(mean_loss):
         raise UserError(f"the training loss became {mean_loss} in epoch {epoch}; lower --lr or use --amp False")
     return {"loss": mean_loss, "data_seconds": data_seconds, "compute_seconds": compute_seconds}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, batches, device):
+    """Re-estimate every BatchNorm's running statistics as the plain average over `batches` ((images, masks) pairs)
+    of the network as it is now, without gradients (EagleEye's adaptive BatchNorm): after channels are removed the
+    old statistics describe features that no longer exist, and a pruned network scored on them predicts one class.
+    The weights are untouched; the network's mode is put back."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches, not an exponential one
+    model.train()
+    try:
+        for images, _ in batches:
+            model(images.to(device, non_blocking=True))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
 
 
 def _optimise(step, loss):

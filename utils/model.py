@@ -5,6 +5,7 @@ Every script gets its network and its logits from here, so the dict output, the 
 """
 import math
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,24 +18,76 @@ from torchvision.models import segmentation as seg
 
 from utils.cli import UserError
 
-# arch -> (builder, COCO-with-VOC-labels weights, ImageNet backbone weights)
-ARCHS = {
-    "deeplabv3_resnet101": (seg.deeplabv3_resnet101, seg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
-                            ResNet101_Weights.IMAGENET1K_V1),
-    "deeplabv3_resnet50": (seg.deeplabv3_resnet50, seg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
-                           ResNet50_Weights.IMAGENET1K_V1),
-    "deeplabv3_mobilenet_v3_large": (seg.deeplabv3_mobilenet_v3_large,
-                                     seg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
-                                     MobileNet_V3_Large_Weights.IMAGENET1K_V1),
-    "lraspp_mobilenet_v3_large": (seg.lraspp_mobilenet_v3_large,
-                                  seg.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
-                                  MobileNet_V3_Large_Weights.IMAGENET1K_V1),
-}
-DEFAULT_ARCH = "deeplabv3_resnet101"
-INITS = ("coco", "imagenet", "none")
 OUTPUT_STRIDES = (8, 16)
 # ASPP rates per output stride, as in the DeepLabV3 paper: the same field of view in input pixels.
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
+RESNET_STAGES = tuple((f"backbone layer{index}", f"backbone.layer{index}") for index in range(1, 5))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One network's facts, kept here and nowhere else: its torchvision builder and pretrained weights, whether it
+    has an auxiliary head, its class-producing convolutions (`heads`: replaced for a new class count, never pruned;
+    module names), its parts (part name -> module-name prefix: the units of --sensitivity and of per-part plans), the
+    output strides it can run at (a dilated ResNet backbone: 8 or 16; () for a fixed one) and the module whose
+    atrous rates follow the stride (None: none), and how a plain state_dict of it is recognised (`signature`: a key
+    prefix of its head, one of its backbone, and its ResNet layer3 block count or None)."""
+    builder: Callable
+    coco_weights: object
+    backbone_weights: object
+    aux: bool
+    heads: tuple
+    parts: tuple
+    strides: tuple = ()
+    aspp: str | None = None
+    signature: tuple = ()
+
+
+DEEPLAB_HEADS = ("classifier.4", "aux_classifier.4")
+DEEPLAB_PARTS = (("ASPP", "classifier.0"), ("head 3x3 conv", "classifier.1"))
+ARCHS = {
+    "deeplabv3_resnet101": Architecture(
+        seg.deeplabv3_resnet101, seg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+        ResNet101_Weights.IMAGENET1K_V1, True, DEEPLAB_HEADS, RESNET_STAGES + DEEPLAB_PARTS, OUTPUT_STRIDES,
+        "classifier.0", ("classifier.0.convs.", "backbone.layer3.", 23)),
+    "deeplabv3_resnet50": Architecture(
+        seg.deeplabv3_resnet50, seg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+        ResNet50_Weights.IMAGENET1K_V1, True, DEEPLAB_HEADS, RESNET_STAGES + DEEPLAB_PARTS, OUTPUT_STRIDES,
+        "classifier.0", ("classifier.0.convs.", "backbone.layer3.", 6)),
+    "deeplabv3_mobilenet_v3_large": Architecture(
+        seg.deeplabv3_mobilenet_v3_large, seg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1, True, DEEPLAB_HEADS, (("backbone", "backbone"),) + DEEPLAB_PARTS,
+        signature=("classifier.0.convs.", "backbone.0.", None)),
+    "lraspp_mobilenet_v3_large": Architecture(
+        seg.lraspp_mobilenet_v3_large, seg.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1, False, ("classifier.low_classifier", "classifier.high_classifier"),
+        (("backbone", "backbone"), ("LR-ASPP head", "classifier")), signature=("classifier.cbr.", "backbone.0.", None)),
+    "fcn_resnet50": Architecture(
+        seg.fcn_resnet50, seg.FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1, ResNet50_Weights.IMAGENET1K_V1, True,
+        DEEPLAB_HEADS, RESNET_STAGES + (("FCN head 3x3 conv", "classifier.0"),), OUTPUT_STRIDES,
+        signature=("classifier.0.weight", "backbone.layer3.", 6)),
+    "fcn_resnet101": Architecture(
+        seg.fcn_resnet101, seg.FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1, ResNet101_Weights.IMAGENET1K_V1, True,
+        DEEPLAB_HEADS, RESNET_STAGES + (("FCN head 3x3 conv", "classifier.0"),), OUTPUT_STRIDES,
+        signature=("classifier.0.weight", "backbone.layer3.", 23)),
+}
+DEFAULT_ARCH = "deeplabv3_resnet101"
+INITS = ("coco", "imagenet", "none")
+
+
+def architecture(arch):
+    """ARCHS' entry of `arch` (a name, or a network that build() made and tagged); an unknown name is one line."""
+    name = arch if isinstance(arch, str) else getattr(arch, "cracksense_arch", None)
+    if name not in ARCHS:
+        raise UserError(f"unknown --arch {name!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def tag(model, arch):
+    """Record which ARCHS entry `model` is (a plain attribute: copies keep it, state_dicts do not carry it)."""
+    architecture(arch)
+    model.cracksense_arch = arch
+    return model
 
 
 @contextmanager
@@ -50,30 +103,23 @@ def eval_mode(model, training=False):
 
 
 def has_aux(arch):
-    return not arch.startswith("lraspp")
+    return architecture(arch).aux
 
 
 def head_layers(model):
-    """The class-producing convolutions: replaced on a new class count, never pruned, trained when frozen."""
-    if isinstance(model, seg.LRASPP):
-        return [model.classifier.low_classifier, model.classifier.high_classifier]
-    layers = [model.classifier[4]]
-    if getattr(model, "aux_classifier", None) is not None:
-        layers.append(model.aux_classifier[4])
-    return layers
+    """The class-producing convolutions (ARCHS' `heads` present in this network): replaced on a new class count,
+    never pruned, trained when frozen."""
+    modules = dict(model.named_modules())
+    return [modules[name] for name in architecture(model).heads if name in modules]
 
 
 def _replace_head(model, num_classes):
-    def fresh(conv):
-        return nn.Conv2d(conv.in_channels, num_classes, kernel_size=1)
-
-    if isinstance(model, seg.LRASPP):
-        model.classifier.low_classifier = fresh(model.classifier.low_classifier)
-        model.classifier.high_classifier = fresh(model.classifier.high_classifier)
-        return
-    model.classifier[4] = fresh(model.classifier[4])
-    if getattr(model, "aux_classifier", None) is not None:
-        model.aux_classifier[4] = fresh(model.aux_classifier[4])
+    for name in architecture(model).heads:
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        conv = getattr(holder, child, None) if holder is not None else None
+        if isinstance(conv, nn.Conv2d):
+            setattr(holder, child, nn.Conv2d(conv.in_channels, num_classes, kernel_size=1))
 
 
 def _download_hint(weights, error):
@@ -84,24 +130,35 @@ def _download_hint(weights, error):
 
 
 def has_output_stride(arch):
-    """Only the DeepLabV3-ResNets choose their output stride (the MobileNet networks are fixed at 16)."""
-    return arch.startswith("deeplabv3_resnet")
+    """Whether the network chooses its output stride (a dilated ResNet backbone; the MobileNet ones are fixed)."""
+    return bool(architecture(arch).strides)
 
 
 def output_stride(model):
-    """8 or 16 for a DeepLabV3-ResNet (read off its layer3: strided at 16, dilated at 8), None otherwise."""
-    layer3 = getattr(getattr(model, "backbone", None), "layer3", None)
-    if layer3 is None:
+    """8 or 16 for a network whose output stride can be chosen (read off its layer3: strided at 16, dilated at 8),
+    None otherwise."""
+    if not has_output_stride(model):
         return None
-    return 16 if layer3[0].conv2.stride == (2, 2) else 8
+    return 16 if model.backbone.layer3[0].conv2.stride == (2, 2) else 8
+
+
+def check_stride(arch, stride):
+    """`arch`'s ARCHS entry, when it can run at output stride `stride`; one line otherwise."""
+    entry = architecture(arch)
+    if not entry.strides:
+        raise UserError(f"--output_stride applies to the networks with a dilated ResNet backbone "
+                        f"({', '.join(name for name, other in ARCHS.items() if other.strides)}), not {arch}")
+    if stride not in entry.strides:
+        raise UserError(f"--output_stride must be one of {', '.join(map(str, entry.strides))}, got {stride}")
+    return entry
 
 
 def add_output_stride_option(group):
     """--output_stride for the scripts that load a trained network (one help text): an override of the stride
     its checkpoint records."""
     group.add_argument("--output_stride", type=int, choices=OUTPUT_STRIDES, default=None,
-                       help="run a DeepLabV3-ResNet at this output stride instead of the one its checkpoint records "
-                            "(8 when it records none)")
+                       help="run a network with a dilated ResNet backbone at this output stride instead of the one "
+                            "its checkpoint records (8 when it records none)")
 
 
 def _set_block(block, stride, dilation, first_dilation):
@@ -113,21 +170,19 @@ def _set_block(block, stride, dilation, first_dilation):
 
 @torch.no_grad()
 def set_output_stride(model, stride):
-    """Rebuild a DeepLabV3-ResNet's dilation pattern in place for output stride 8 (layer3 and layer4 dilated
-    2 and 4) or 16 (layer4 dilated 2), with the ASPP rates of that stride. The weights are the same shapes at
-    either stride, so a checkpoint (dense or pruned) loads at both; returns the model."""
-    if stride not in OUTPUT_STRIDES:
-        raise UserError(f"--output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {stride}")
-    backbone = getattr(model, "backbone", None)
-    if getattr(backbone, "layer3", None) is None:
-        raise UserError("--output_stride applies to the DeepLabV3-ResNet networks only")
+    """Rebuild a dilated ResNet backbone's pattern in place for output stride 8 (layer3 and layer4 dilated 2 and 4)
+    or 16 (layer4 dilated 2), with the ASPP rates of that stride where the network has an ASPP. The weights are the
+    same shapes at either stride, so a checkpoint (dense or pruned) loads at both; returns the model."""
+    entry = check_stride(model.cracksense_arch, stride)
+    backbone = model.backbone
     plan = {8: ((1, 1, 2), (1, 2, 4)), 16: ((2, 1, 1), (1, 1, 2))}[stride]  # (stride, first, rest) per layer
     for layer, (layer_stride, first, rest) in zip((backbone.layer3, backbone.layer4), plan):
         _set_block(layer[0], layer_stride, first, first)
         for block in list(layer)[1:]:
             _set_block(block, 1, rest, rest)
-    for rate, branch in zip(ASPP_RATES[stride], list(model.classifier[0].convs)[1:4]):
-        branch[0].dilation = branch[0].padding = (rate, rate)
+    if entry.aspp is not None:
+        for rate, branch in zip(ASPP_RATES[stride], list(model.get_submodule(entry.aspp).convs)[1:4]):
+            branch[0].dilation = branch[0].padding = (rate, rate)
     return model
 
 
@@ -136,33 +191,33 @@ def build(arch=DEFAULT_ARCH, num_classes=7, init="coco", aux_loss=True, keep_fea
     """A segmentation network with `num_classes` outputs.
 
     init: coco (torchvision's COCO-with-VOC-labels weights, head replaced), imagenet (backbone only)
-    or none. keep_feature_extract freezes everything but the new head. stride: the output stride of a
-    DeepLabV3-ResNet (None: torchvision's 8).
+    or none. keep_feature_extract freezes everything but the new head. stride: the output stride of a network
+    with a dilated ResNet backbone (None: torchvision's 8).
     """
-    if stride is not None and not has_output_stride(arch):
-        raise UserError(f"--output_stride applies to the DeepLabV3-ResNet networks only, not {arch}")
-    if arch not in ARCHS:
-        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    entry = architecture(arch)
     if init not in INITS:
         raise UserError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
-    builder, coco_weights, backbone_weights = ARCHS[arch]
-    aux = bool(aux_loss) and has_aux(arch)
+    if stride is not None:
+        check_stride(arch, stride)
+    builder, coco_weights, backbone_weights = entry.builder, entry.coco_weights, entry.backbone_weights
+    aux = bool(aux_loss) and entry.aux
     try:
         if init == "coco":
-            model = builder(weights=coco_weights, aux_loss=True if aux else None)
+            model = tag(builder(weights=coco_weights, aux_loss=True if aux else None), arch)
             _replace_head(model, num_classes)
             if not aux and getattr(model, "aux_classifier", None) is not None:
                 model.aux_classifier = None
         elif init == "imagenet":
             model = builder(weights=None, weights_backbone=backbone_weights, num_classes=num_classes,
-                            aux_loss=aux if has_aux(arch) else None)
+                            aux_loss=aux if entry.aux else None)
         else:
             model = builder(weights=None, weights_backbone=None, num_classes=num_classes,
-                            aux_loss=aux if has_aux(arch) else None)
+                            aux_loss=aux if entry.aux else None)
     except (OSError, RuntimeError, ValueError) as error:
         if init == "none":
             raise
         raise UserError(_download_hint(coco_weights if init == "coco" else backbone_weights, error)) from None
+    tag(model, arch)
     if stride is not None:
         set_output_stride(model, stride)
     if keep_feature_extract:

@@ -2,11 +2,11 @@
 tiling, pruning, fine-tuning, measurement). Each script adds the groups it needs to its own parser; what a
 script alone has stays in that script."""
 from utils.cli import add_bool
-from utils.losses import LOSSES
+from utils.finetune import FINETUNE_DEFAULTS
 from utils.model import add_output_stride_option
-from utils.prune_ops import IMPORTANCES
+from utils.prune_ops import importances_help
 from utils.quantize import CALIBRATIONS, WEIGHT_SCALES
-from utils.recipe import OPTIMIZERS
+from utils.recipe import recipe_fields
 
 
 def add_system_options(parser, workers=None):
@@ -59,8 +59,7 @@ def add_pruning_options(group, grid=False):
                        metavar="PERCENT", **many,
                        help="percent of channels to remove, 1 to 99 (50 halves every prunable layer)")
     group.add_argument("--importance_type", default=["Magnitude"] if grid else "Magnitude", metavar="NAME", **many,
-                       help=f"channel ranking: {', '.join(IMPORTANCES)}; Taylor uses gradients of the real loss on "
-                            f"--data; Random is the control a criterion has to beat (default: Magnitude)")
+                       help=f"channel ranking (any case): {importances_help()} (default: Magnitude)")
     group.add_argument("--p_value", type=int, default=[2] if grid else 2, metavar="P", **many,
                        help="norm of Magnitude/LAMP/FPGM: 1 = L1, 2 = L2; the others have none (default: 2)")
     group.add_argument("--iterative_steps", type=int, default=[1] if grid else 1, metavar="N", **many,
@@ -71,8 +70,37 @@ def add_pruning_options(group, grid=False):
                        help="keep channel counts multiples of N (8 or 16 suit TensorRT and tensor cores, 32 INT8)")
 
 
-def add_tuning_options(group):
-    """Taylor's calibration and the fine-tuning recipe after pruning (train.py's loop and names)."""
+def add_recipe_options(parser, not_given):
+    """The training recipe's option group, one option per utils.recipe.Recipe field (its help and type from the
+    field): what train.py trains with and what pruning and the study fine-tune with. Every option defaults to None
+    (not given), which the run settles; `not_given` says how, in each help."""
+    group = parser.add_argument_group("training recipe (utils.recipe.Recipe)", f"an option not given: {not_given}")
+    for item in recipe_fields():
+        default = item.default if not isinstance(item.default, tuple) else " ".join(map(str, item.default))
+        group.add_argument(f"--{item.name}", default=None, help=f"{item.metadata['help']} (default: {default})",
+                           **item.metadata["argparse"])
+    return group
+
+
+def add_finetune_options(group):
+    """How long pruned networks are fine-tuned (utils.finetune.FinetuneBudget), and their BatchNorm recalibration;
+    the recipe they fine-tune with is add_recipe_options'."""
+    defaults = FINETUNE_DEFAULTS
+    group.add_argument("--finetune_steps", type=int, default=defaults["finetune_steps"], metavar="N",
+                       help="optimisation steps of fine-tuning after pruning (poly schedule over them), validated every "
+                            "--finetune_val_every steps on --val_data and the best kept; 0: none (default: %(default)s)")
+    group.add_argument("--finetune_minutes", type=float, default=None, metavar="M",
+                       help="instead of --finetune_steps: as many steps as fit in M minutes, sized from the first "
+                            "steps' measured cost")
+    group.add_argument("--finetune_val_every", type=int, default=defaults["finetune_val_every"], metavar="N",
+                       help="validate every N fine-tuning steps and keep the best (and the last); 0: only at the end "
+                            "(default: %(default)s)")
+    group.add_argument("--step_finetune_steps", type=int, default=defaults["step_finetune_steps"], metavar="N",
+                       help="fine-tuning steps after each step of a schedule of several --iterative_steps but the last "
+                            "(default: %(default)s)")
+    group.add_argument("--bn_recalibrate", type=int, default=defaults["bn_recalibrate"], metavar="N",
+                       help="after every pruning step, re-estimate BatchNorm statistics on N training batches without "
+                            "gradients (needs --data; 0: off) (default: %(default)s)")
     group.add_argument("--calib_batches", type=int, default=8,
                        help="batches whose loss gradients rank channels for Taylor, fresh before every step "
                             "(default: %(default)s)")
@@ -80,15 +108,6 @@ def add_tuning_options(group):
                        help="BatchNorm while Taylor's gradients are taken: eval (running statistics, as deployed) "
                             "or train (batch statistics; the loss is then blind to the scale of a convolution "
                             "followed by BatchNorm, which weakens the ranking) (default: %(default)s)")
-    group.add_argument("--batch_size", type=int, default=4, help="images per batch, at least 2 (default: %(default)s)")
-    group.add_argument("--crop_size", type=int, default=512,
-                       help="random crop side in px, never more than the smallest image side (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=0.001,
-                       help="fine-tuning learning rate, poly decay (default: %(default)s)")
-    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(default: %(default)s)")
-    group.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
-    group.add_argument("--loss", default="ce_weighted", choices=LOSSES,
-                       help="segmentation loss, as in train.py (default: %(default)s)")
 
 
 def add_measurement_options(group):

@@ -6,19 +6,15 @@ study runs above it. torch-pruning builds its dependency graph from the autograd
 show frozen parameters, so every graph here is built with the whole network trainable.
 """
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
-from torchvision.models.segmentation import LRASPP
 
 from utils.cli import UserError, percent_or_fraction_hint
-from utils.model import eval_mode, head_layers
+from utils.model import architecture, eval_mode, head_layers
 
 EXAMPLE_SIZE = 64
-# --importance_type choices: the seed's two, torch-pruning's criteria that need nothing but the weights, and Random,
-# the control every criterion has to beat at the same ratio to be worth its cost.
-IMPORTANCES = ("Magnitude", "Taylor", "LAMP", "BNScale", "FPGM", "Random")
-USES_P_VALUE = ("Magnitude", "LAMP", "FPGM")
 
 
 def example_inputs(model, size=EXAMPLE_SIZE):
@@ -84,14 +80,6 @@ def json_history(history):
     return [[str(name), bool(out), [int(i) for i in idx]] for name, out, idx in history]
 
 
-def importance_name(name):
-    """The canonical spelling of an --importance_type (any case accepted)."""
-    by_lower = {choice.lower(): choice for choice in IMPORTANCES}
-    if str(name).lower() not in by_lower:
-        raise UserError(f"unknown --importance_type {name!r}; choose one of {', '.join(IMPORTANCES)}")
-    return by_lower[str(name).lower()]
-
-
 class SeededRandomImportance(tp.importance.RandomImportance):
     """torch-pruning's random criterion drawing from a generator of its own: the same seed removes the same channels,
     whatever else drew from torch's global generator before (data loading, tracing inputs)."""
@@ -105,23 +93,59 @@ class SeededRandomImportance(tp.importance.RandomImportance):
         return torch.rand(len(indices), generator=self.generator)
 
 
+@dataclass(frozen=True)
+class ImportanceSpec:
+    """What an --importance_type is: its builder over (p_value, seed), whether it ranks by gradients of the loss
+    on training batches (then it needs --data), whether --p_value is its norm, its --help text, and whether it is
+    the control the others have to beat (it ranks nothing)."""
+    build: object
+    needs_gradients: bool
+    uses_p_value: bool
+    help: str
+    control: bool = False
+
+
+# --importance_type's choices: the seed's two, torch-pruning's criteria that need nothing but the weights, and Random,
+# the control every criterion has to beat at the same ratio to be worth its cost.
+IMPORTANCES = {
+    "Magnitude": ImportanceSpec(lambda p, seed: tp.importance.GroupMagnitudeImportance(p=p), False, True,
+                                "the channel's weight norm (L1 or L2 by --p_value)"),
+    "Taylor": ImportanceSpec(lambda p, seed: tp.importance.GroupTaylorImportance(), True, False,
+                             "first-order Taylor estimate of the loss change, from gradients of the real loss on --data"),
+    "LAMP": ImportanceSpec(lambda p, seed: tp.importance.LAMPImportance(p=p), False, True,
+                           "layer-adaptive magnitude"),
+    "BNScale": ImportanceSpec(lambda p, seed: tp.importance.BNScaleImportance(), False, False,
+                              "the BatchNorm scale of the channel"),
+    "FPGM": ImportanceSpec(lambda p, seed: tp.importance.FPGMImportance(p=p), False, True,
+                           "distance to the geometric median of the layer's filters"),
+    "Random": ImportanceSpec(lambda p, seed: SeededRandomImportance(seed), False, False,
+                             "channels drawn at random by the seed: the control a criterion has to beat", control=True),
+}
+
+
+def importance_name(name):
+    """The canonical spelling of an --importance_type (any case accepted); an unknown name is one line."""
+    by_lower = {choice.lower(): choice for choice in IMPORTANCES}
+    if str(name).lower() not in by_lower:
+        raise UserError(f"unknown --importance_type {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    return by_lower[str(name).lower()]
+
+
+def importance_spec(name):
+    return IMPORTANCES[importance_name(name)]
+
+
+def importances_help():
+    return "; ".join(f"{name}: {spec.help}" for name, spec in IMPORTANCES.items())
+
+
 def make_importance(name, p_value=2, seed=0):
-    """A torch-pruning importance criterion; p_value is the norm of the magnitude-based ones (1 = L1, 2 = L2),
-    seed the generator of Random's scores."""
-    name = importance_name(name)
+    """A torch-pruning importance criterion from IMPORTANCES; p_value is the norm of the magnitude-based ones
+    (1 = L1, 2 = L2), seed the generator of Random's scores."""
+    spec = importance_spec(name)
     if isinstance(p_value, bool) or not isinstance(p_value, int) or p_value < 1:
         raise UserError(f"--p_value must be a positive integer (1 = L1, 2 = L2), got {p_value}")
-    if name == "Magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=p_value)
-    if name == "Taylor":
-        return tp.importance.GroupTaylorImportance()
-    if name == "LAMP":
-        return tp.importance.LAMPImportance(p=p_value)
-    if name == "FPGM":
-        return tp.importance.FPGMImportance(p=p_value)
-    if name == "Random":
-        return SeededRandomImportance(seed)
-    return tp.importance.BNScaleImportance()
+    return spec.build(p_value, seed)
 
 
 def ratio_fraction(percent):
@@ -220,15 +244,9 @@ def shapes_differ(model, state_dict):
 
 
 def network_parts(model):
-    """{part: module-name prefix}: each ResNet stage (the whole backbone for other backbones), then DeepLabV3's ASPP
-    and head 3x3 convolution, or LR-ASPP's head. The units of the sensitivity and of a per-part pruning plan."""
-    stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model.backbone, name)]
-    parts = {f"backbone {name}": f"backbone.{name}" for name in stages} or {"backbone": "backbone"}
-    if isinstance(model, LRASPP):
-        parts["LR-ASPP head"] = "classifier"
-    else:
-        parts.update({"ASPP": "classifier.0", "head 3x3 conv": "classifier.1"})
-    return parts
+    """{part: module-name prefix}: the units of the sensitivity and of a per-part pruning plan, as the network's
+    ARCHS entry lists them (each ResNet stage, then DeepLabV3's ASPP and head 3x3 conv, LR-ASPP's head, FCN's head)."""
+    return dict(architecture(model).parts)
 
 
 def layers_outside(model, prefix):

@@ -1,21 +1,101 @@
-"""What a training run is made of: seeding, the loaders, the optimiser, the poly schedule and the loss.
+"""What a training run is made of: the Recipe (one frozen dataclass, the one declaration of how a network trains),
+seeding, the loaders, the optimiser, the poly schedule and the loss.
 
-Middle floor (docs/ARCHITECTURE.md): train.py's run, the fine-tuning between pruning steps, the study
-and test.py build their loops' inputs here, so a recipe is written once.
+Middle floor (docs/ARCHITECTURE.md): train.py's run, the fine-tuning after pruning, the study and test.py build
+their loops' inputs here, so a recipe is written once. Each Recipe field carries its option's help and argparse
+type (utils.options.add_recipe_options walks the fields), so a new field is an option of every script that trains,
+is checked once, saved with every checkpoint and recorded in a study's settings without further edits.
 """
+import dataclasses
 import os
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from utils import data
-from utils.cli import UserError
+from utils.cli import UserError, bool_or_auto, check_number, str2bool
 from utils.distributed import ShardSampler
-from utils.losses import WEIGHTED, SegmentationLoss
+from utils.losses import LOSSES, SegmentationLoss, loss_spec, losses_help
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+# --optimizer's choices: name -> builder over (parameters, lr, weight decay); SGD with DeepLab's momentum.
+OPTIMIZERS = {
+    "sgd": lambda parameters, lr, decay: torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=decay),
+    "adam": lambda parameters, lr, decay: torch.optim.Adam(parameters, lr=lr, weight_decay=decay),
+    "adamw": lambda parameters, lr, decay: torch.optim.AdamW(parameters, lr=lr, weight_decay=decay),
+}
+
+
+def setting(default, help, **argparse):
+    """A Recipe field: its default and its option's help and argparse keywords (type, choices, nargs, metavar)."""
+    return field(default=default, metadata={"help": help, "argparse": argparse})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a network trains, wherever it trains: train.py, the fine-tuning of torchvision_pruning.py and of every
+    study run. The defaults are train.py's. None means "not given" (train.py: a new run takes the default, a resumed
+    run its own saved value; pruning: the value the pruned network was trained with) until `settled`. Every value
+    given is checked here, once."""
+    optimizer: str = setting("sgd", "optimiser", choices=tuple(OPTIMIZERS))
+    lr: float = setting(0.01, "initial learning rate, poly decay per step", type=float)
+    weight_decay: float = setting(1e-4, "weight decay", type=float)
+    loss: str = setting("ce_weighted", f"segmentation loss ({losses_help()})", choices=tuple(LOSSES))
+    skeleton_recall: float = setting(0.0, "weight of the skeleton recall loss on the crack class (the share of the "
+                                          "labelled cracks' centre lines the prediction covers); 0: off", type=float)
+    batch_size: int = setting(4, "images per step per process, at least 2 (BatchNorm in train mode)", type=int)
+    crop_size: int = setting(512, "random crop side in px, never more than the smallest image side", type=int)
+    scale_range: tuple = setting((0.5, 2.0), "random rescale factors of a training image before cropping",
+                                 type=float, nargs=2, metavar=("LOW", "HIGH"))
+    cat_max_ratio: float | None = setting(None, "redraw a crop (up to 10 times) while one class covers more than "
+                                                "this fraction of it, so rare classes are seen (None: off)", type=float)
+    amp: object = setting("auto", "mixed precision; auto: on for GPUs and for CPUs with bfloat16 kernels "
+                                  "(AVX-512/AMX), off where bfloat16 is emulated", type=bool_or_auto, nargs="?",
+                          const=True, metavar="auto|BOOL")
+    deterministic: bool = setting(False, "deterministic algorithms (slower)", type=str2bool, nargs="?", const=True,
+                                  metavar="BOOL")
+    distill: float = setting(0.0, "weight of distillation from the dense teacher: per-pixel KL divergence between "
+                                  "the softened class distributions of teacher and student, added to the loss; 0: "
+                                  "off", type=float)
+    distill_temperature: float = setting(2.0, "softening temperature of --distill (the loss is scaled by its "
+                                              "square)", type=float)
+
+    def __post_init__(self):
+        for name, minimum in (("batch_size", 2), ("crop_size", 8)):
+            check_number(name, getattr(self, name), minimum=minimum)
+        check_number("lr", self.lr, above=0)
+        for name in ("weight_decay", "skeleton_recall", "distill"):
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("distill_temperature", self.distill_temperature, above=0)
+        check_number("cat_max_ratio", self.cat_max_ratio, above=0, maximum=1)
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.loss is not None:
+            loss_spec(self.loss)
+        if self.scale_range is not None:
+            low, high = (check_number("scale_range", value, above=0) for value in self.scale_range)
+            if low > high:
+                raise UserError(f"--scale_range LOW HIGH needs LOW <= HIGH, got {low:g} {high:g}")
+
+    def settled(self, *sources):
+        """Every field not given taken from the first of `sources` (dicts of option values: a resumed run's saved
+        args, a pruned network's training args) that holds it, else the default; checked again."""
+        filled = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            for source in sources:
+                if value is None and (source or {}).get(item.name) is not None:
+                    value = source[item.name]
+            value = item.default if value is None else value
+            filled[item.name] = tuple(value) if isinstance(value, list) else value
+        return Recipe(**filled)
+
+
+def recipe_fields():
+    """The Recipe's fields in declaration order (the option group's order)."""
+    return dataclasses.fields(Recipe)
 
 
 def seed_everything(seed, deterministic=False):
@@ -31,18 +111,12 @@ def seed_everything(seed, deterministic=False):
         torch.backends.cudnn.benchmark = True
 
 
-def build_optimizer(model, name, lr, weight_decay, momentum=0.9):
-    """Optimiser over the trainable parameters only (frozen layers stay out)."""
+def build_optimizer(model, recipe):
+    """The Recipe's optimiser over the trainable parameters only (frozen layers stay out)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise UserError("no trainable parameters: everything is frozen")
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise UserError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[recipe.optimizer](parameters, recipe.lr, recipe.weight_decay)
 
 
 class PolyDecay:
@@ -102,7 +176,7 @@ def eval_loader(dataset, batch_size, workers, context):
 def make_criterion(kind, dataset, progress, skeleton_weight=0.0):
     """The loss; class weights for the weighted kinds come from the training labels' pixel counts."""
     weights = None
-    if kind in WEIGHTED:
+    if loss_spec(kind).class_weighted:
         pixels, _, _ = data.label_statistics(dataset, progress=progress)
         weights = data.class_weights(pixels)
     whole = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset

@@ -17,13 +17,14 @@ from torch._dynamo.exc import TorchDynamoException
 from utils import data, model as models
 from utils.checkpoint import (build_from_checkpoint, checkpoint_classes, for_deployment, load_model, load_weights, make_checkpoint,
                               read_checkpoint, require_resume_state, save_atomic)
-from utils.cli import UserError, plain_name, require_path
+from utils.cli import UserError, check_number, plain_name, require_path
 from utils.distributed import broadcast_object, cleanup, init_distributed
-from utils.engine import EvalSettings, TrainStep, amp_dtype, evaluate, native_mixed_precision, train_one_epoch
+from utils.engine import EvalSettings, TrainStep, evaluate, mixed_precision, train_one_epoch
 from utils.files import hold_folder_lock, release_folder_locks, replace_atomically
 from utils.metrics import per_class_metrics, summary_metrics
 from utils.prune_ops import slice_extra_outputs
-from utils.recipe import (build_optimizer, epochs_within_budget, eval_loader, make_criterion, poly_scheduler,
+from utils.losses import Distillation
+from utils.recipe import (Recipe, build_optimizer, epochs_within_budget, eval_loader, make_criterion, poly_scheduler,
                           resize_schedule, seed_everything, train_loader)
 from utils.report import plot_curves, write_csv
 
@@ -65,14 +66,13 @@ def _run_files(run_dir):
 
 RUN_DEFAULTS = {
     "arch": models.DEFAULT_ARCH, "init": "coco", "aux_loss": True, "keep_feature_extract": False,
-    "pruned_model": None, "train_pruned_fully": True, "load_pretrained_weights": None, "epochs": 30,
-    "batch_size": 4, "crop_size": 512, "eval_size": None, "lr": 0.01, "optimizer": "sgd", "weight_decay": 1e-4,
-    "loss": "ce_weighted", "patience": 0, "amp": "auto", "seed": 42, "deterministic": False, "output_stride": None,
-    "steps": None, "max_minutes": None, "val_every": 1, "scale_range": (0.5, 2.0), "cat_max_ratio": None,
-    "skeleton_recall": 0.0,
+    "pruned_model": None, "train_pruned_fully": True, "load_pretrained_weights": None, "teacher": None,
+    "output_stride": None, "epochs": 30, "steps": None, "max_minutes": None, "val_every": 1, "eval_size": None,
+    "patience": 0, "seed": 42,
 }
-"""The settings that make a run what it is. train.py leaves the ones not given as None: a new run takes these
-defaults, a resumed run its own saved values (so it never needs the COCO weights its last.pth replaces)."""
+"""The network and schedule settings that make a run what it is (the recipe's are utils.recipe.Recipe's defaults).
+train.py leaves the ones not given as None: a new run takes these defaults, a resumed run its own saved values (so it
+never needs the COCO weights its last.pth replaces)."""
 
 
 @dataclass(frozen=True)
@@ -86,43 +86,31 @@ class NetworkSpec:
     pruned_model: str | None = None
     train_pruned_fully: bool | None = None
     load_pretrained_weights: str | None = None
+    teacher: str | None = None
     allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How a run trains: None where train.py was not told, until TrainOptions.settled fills it. Checked here."""
+class Schedule:
+    """How long a run trains, how often it validates, its seed: None where train.py was not told, until
+    TrainOptions.settled fills it. Checked here, once."""
     epochs: int | None = None
     steps: int | None = None
     max_minutes: float | None = None
     val_every: int | None = None
-    batch_size: int | None = None
-    crop_size: int | None = None
-    scale_range: tuple | None = None
-    cat_max_ratio: float | None = None
     eval_size: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    loss: str | None = None
-    skeleton_recall: float | None = None
     patience: int | None = None
-    amp: object = None
     seed: int | None = None
-    deterministic: bool | None = None
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "crop_size", "steps", "val_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise UserError(f"--max_minutes must be positive, got {self.max_minutes:g}")
+        for name in ("epochs", "steps", "val_every"):
+            check_number(name, getattr(self, name), minimum=1)
+        check_number("eval_size", self.eval_size, minimum=8)
+        check_number("max_minutes", self.max_minutes, above=0)
+        check_number("patience", self.patience, minimum=0)
+        check_number("seed", self.seed, minimum=0)
         if self.steps is not None and self.max_minutes is not None:
             raise UserError("--steps and --max_minutes both size the run; give one")
-        if (self.patience or 0) < 0:
-            raise UserError("--patience cannot be negative")
 
 
 @dataclass(frozen=True)
@@ -148,33 +136,34 @@ class RunPlace:
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Everything train.py was told, typed: the network, the recipe, the place. Saved flat (args.json and the
-    checkpoint's `args`), so a run folder can be repeated with --config and resumed with its own settings."""
+    """Everything train.py was told, typed: the network, the recipe, the schedule, the place. Saved flat (args.json
+    and the checkpoint's `args`), so a run folder can be repeated with --config and resumed with its own settings."""
     network: NetworkSpec
     recipe: Recipe
+    schedule: Schedule
     place: RunPlace
 
     def settled(self, saved=None):
-        """The run settings not given filled from `saved` (the resumed run's args) or RUN_DEFAULTS; a given value
-        that contradicts the resumed run is refused, except --epochs, which may lengthen or shorten it."""
+        """The run settings not given filled from `saved` (the resumed run's args), else RUN_DEFAULTS or the Recipe's
+        defaults; a given value that contradicts the resumed run is refused, except --epochs, which may lengthen or
+        shorten it."""
         saved = {key: tuple(value) if isinstance(value, list) else value for key, value in (saved or {}).items()}
-        filled = {}
-        for spec in (self.network, self.recipe):
-            for key, given in dataclasses.asdict(spec).items():
-                if key not in RUN_DEFAULTS:
-                    continue
-                if key in saved and given is not None and given != saved[key] and key != "epochs":
-                    raise UserError(f"--{key} {given} contradicts the run being resumed (its last.pth says {key} "
-                                    f"{saved[key]}); drop --{key} to keep the run's own, or start a new RUN_NAME")
-                filled[key] = given if given is not None else saved.get(key, RUN_DEFAULTS[key])
-        return TrainOptions(dataclasses.replace(self.network, **{k: filled[k] for k in _names(NetworkSpec)
-                                                                  if k in filled}),
-                            dataclasses.replace(self.recipe, **{k: filled[k] for k in _names(Recipe) if k in filled}),
-                            self.place)
+        for key, given in {**dataclasses.asdict(self.network), **dataclasses.asdict(self.recipe),
+                           **dataclasses.asdict(self.schedule)}.items():
+            if key in saved and given is not None and given != saved[key] and key not in ("epochs", "allow_pickle"):
+                raise UserError(f"--{key} {given} contradicts the run being resumed (its last.pth says {key} "
+                                f"{saved[key]}); drop --{key} to keep the run's own, or start a new RUN_NAME")
+
+        def filled(spec):
+            return dataclasses.replace(spec, **{key: saved.get(key, RUN_DEFAULTS[key]) for key in _names(spec)
+                                                if key in RUN_DEFAULTS and getattr(spec, key) is None})
+
+        return TrainOptions(filled(self.network), self.recipe.settled(saved), filled(self.schedule), self.place)
 
     def flat(self):
         """The options under their command-line names: args.json and the checkpoint's `args`."""
-        return {**dataclasses.asdict(self.network), **dataclasses.asdict(self.recipe), **dataclasses.asdict(self.place)}
+        return {**dataclasses.asdict(self.network), **dataclasses.asdict(self.recipe),
+                **dataclasses.asdict(self.schedule), **dataclasses.asdict(self.place)}
 
 
 def _names(spec):
@@ -263,6 +252,7 @@ class Parts:
     amp: bool = False
     epochs: int = 0
     classes: data.ClassTable = data.S2DS_CLASSES
+    distillation: Distillation | None = None
 
 
 @dataclass
@@ -305,21 +295,21 @@ def _train(options, context):
     run_dir = _set_up_run_dir(options.place, context)
     resumed = _read_last(run_dir, context) if options.place.resume else None
     options = options.settled(resumed.get("args") if resumed else None)
-    recipe = options.recipe
-    seed_everything(recipe.seed + context.rank, recipe.deterministic)
+    recipe, schedule = options.recipe, options.schedule
+    seed_everything(schedule.seed + context.rank, recipe.deterministic)
     parts = _set_up(options, context, resumed)
     progress = _resume(parts, resumed, run_dir, context) if resumed else Progress()
     progress.epochs = parts.epochs
     resize_schedule(parts.scheduler, progress.epochs * len(parts.loader))  # a resumed run's --epochs may differ
-    budget = recipe.max_minutes * 60 if recipe.max_minutes and not resumed else None  # a resumed run keeps its plan
+    budget = schedule.max_minutes * 60 if schedule.max_minutes and not resumed else None  # a resumed run keeps its plan
     writer = _open_outputs(options, run_dir, context)
     pending, epoch = [], progress.start_epoch  # the epochs trained since the last validation
-    while epoch <= progress.epochs and not (recipe.patience and progress.stale >= recipe.patience):
+    while epoch <= progress.epochs and not (schedule.patience and progress.stale >= schedule.patience):
         pending.append(_train_epoch(parts, context, epoch))
-        if epoch == 1 or _validates(epoch, recipe.val_every, progress.epochs):
+        if epoch == 1 or _validates(epoch, schedule.val_every, progress.epochs):
             improved = _validate(parts, context, progress, epoch, pending)
             if budget is not None:
-                _plan_epochs(parts, progress, budget, time.perf_counter() - started, pending, recipe.val_every,
+                _plan_epochs(parts, progress, budget, time.perf_counter() - started, pending, schedule.val_every,
                              epoch, context)
             _save_validated(parts, options, (run_dir, writer), progress, improved, context)
             pending = []
@@ -386,15 +376,16 @@ def _set_up_run_dir(place, context):
 
 def _set_up(options, context, resumed=None):
     """Data, model (wrapped for DDP), loss, loaders, optimiser, schedule, scaler and the epochs to run."""
-    device, recipe, place = context.device, options.recipe, options.place
+    device, recipe, schedule, place = context.device, options.recipe, options.schedule, options.place
     train_set = data.training_set(place.train_dir, recipe.crop_size, tuple(recipe.scale_range), recipe.cat_max_ratio)
-    val_set = data.S2DSDataset(place.val_dir, data.EvalTransform(recipe.eval_size))
+    val_set = data.S2DSDataset(place.val_dir, data.EvalTransform(schedule.eval_size))
     classes = train_set.classes
     if val_set.classes != classes:
         raise UserError(f"the training and validation splits have different class tables ({', '.join(classes.names)} "
                         f"vs {', '.join(val_set.classes.names)}); give both splits the same classes.csv")
     model, arch, pruning = _build_model(options.network, classes, resumed)
     criterion = make_criterion(recipe.loss, train_set, context.is_main, recipe.skeleton_recall).to(device)
+    distillation = _distillation(options, classes, device)
     model.to(device)
     _speed_options(model, place)
     if context.enabled:
@@ -402,17 +393,31 @@ def _set_up(options, context, resumed=None):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = train_loader(train_set, recipe.batch_size, place.workers, recipe.seed, context)
-    val_loader = eval_loader(val_set, 1 if recipe.eval_size is None else recipe.batch_size, place.workers, context)
-    optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
-    epochs = recipe.epochs
-    if recipe.steps and resumed is None:  # a schedule given in steps: whole epochs that hold them
-        epochs = math.ceil(recipe.steps / len(loader))
+    loader = train_loader(train_set, recipe.batch_size, place.workers, schedule.seed, context)
+    val_loader = eval_loader(val_set, 1 if schedule.eval_size is None else recipe.batch_size, place.workers, context)
+    optimizer = build_optimizer(model, recipe)
+    epochs = schedule.epochs
+    if schedule.steps and resumed is None:  # a schedule given in steps: whole epochs that hold them
+        epochs = math.ceil(schedule.steps / len(loader))
     scheduler = poly_scheduler(optimizer, epochs * len(loader))
-    amp = native_mixed_precision(device) if recipe.amp == "auto" else bool(recipe.amp)
-    dtype, scaler = _mixed_precision(amp, place.amp_dtype, device)
+    amp, dtype, scaler = mixed_precision(recipe.amp, device, place.amp_dtype)
     return Parts(model, arch, pruning, criterion, loader, val_loader, optimizer, scheduler, scaler, dtype, amp, epochs,
-                 classes)
+                 classes, distillation)
+
+
+def _distillation(options, classes, device):
+    """--distill's teacher (--teacher, a network of the data's classes, on `device`), or None without --distill."""
+    recipe, teacher = options.recipe, options.network.teacher
+    if not recipe.distill:
+        if teacher:
+            raise UserError("--teacher is the network --distill learns from; add --distill WEIGHT or drop --teacher")
+        return None
+    if not teacher:
+        raise UserError("--distill needs --teacher W.pth: the network the student learns from (e.g. the dense network "
+                        "a --pruned_model was cut from)")
+    network, metadata = load_model(teacher, allow_pickle=options.network.allow_pickle)
+    _same_classes(checkpoint_classes(metadata, teacher), classes, teacher)
+    return Distillation(network.to(device), recipe.distill, recipe.distill_temperature)
 
 
 def _speed_options(model, place):
@@ -429,14 +434,6 @@ def _speed_options(model, place):
     except Exception as error:  # e.g. no backend for this device
         raise UserError(f"--compile failed on this machine ({type(error).__name__}: {error}); drop --compile") \
             from None
-
-
-def _mixed_precision(amp, requested_dtype, device):
-    """(autocast dtype, GradScaler or None): bfloat16 needs no scaler, float16 does and runs on CUDA only."""
-    dtype = amp_dtype(device, requested_dtype)
-    if amp and dtype == torch.float16 and device.type != "cuda":
-        raise UserError("--amp_dtype float16 needs a CUDA GPU; on the CPU use bfloat16 (or auto)")
-    return dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
 
 
 def _read_last(run_dir, context):
@@ -483,7 +480,8 @@ def _train_epoch(parts, context, epoch):
     """One pass over the training split: its mean loss and seconds (utils.engine.train_one_epoch)."""
     if context.enabled:
         parts.loader.sampler.set_epoch(epoch)
-    step = TrainStep(parts.criterion, parts.optimizer, parts.scheduler, parts.scaler, parts.amp, parts.amp_dtype)
+    step = TrainStep(parts.criterion, parts.optimizer, parts.scheduler, parts.scaler, parts.amp, parts.amp_dtype,
+                     parts.distillation)
     return train_one_epoch(parts.model, parts.loader, step, context.device, epoch, progress=context.is_main)
 
 
