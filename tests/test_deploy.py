@@ -137,9 +137,13 @@ def test_benchmark_table_ratios_are_against_the_first_row_of_each_backend():
     (["missing.pth"], "checkpoint not found: missing.pth"),
     (["CKPT", "--half", "--device", "cpu"], "--half runs float16 on a CUDA GPU only"),
     (["CKPT", "--runs", "0"], "--runs must be at least 1"),
+    (["CKPT", "--size", "64", "16"], "--size must be at least 32, got 16"),
+    (["CKPT", "--test_data", "MISSING"], "--test_data split not found"),
+    (["CKPT", "--test_data", "SPLIT", "--batch", "2"], "--test_data scores float32 networks one image per forward"),
 ])
-def test_benchmark_bad_inputs(tmp_path, mobilenet_checkpoint, argv, fragment):
-    argv = [str(mobilenet_checkpoint) if arg == "CKPT" else arg for arg in argv]
+def test_benchmark_bad_inputs(tmp_path, mobilenet_checkpoint, dataset_dir, argv, fragment):
+    values = {"CKPT": str(mobilenet_checkpoint), "MISSING": str(tmp_path / "nope"), "SPLIT": str(dataset_dir / "test")}
+    argv = [values.get(arg, arg) for arg in argv]
     with pytest.raises(UserError, match=fragment.replace("+", r"\+")):
         benchmark.main([*argv, "--output_dir", str(tmp_path)])
     assert not (tmp_path / "benchmark").exists()
