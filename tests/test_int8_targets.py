@@ -152,7 +152,8 @@ def test_the_study_builds_its_int8_recipe_from_the_same_flags_and_records_it(liv
     args = study.get_args_parser().parse_args(
         ["--state_dict", str(lively_mobilenet_checkpoint), "--data", str(dataset_dir / "train"), "--val_data",
          str(dataset_dir / "val"), "--test_data", str(dataset_dir / "test"), "--pruning_ratio", "50", "--int8",
-         "--int8_target", "tensorrt", "--int8_float_layers", "1", "--output_dir", str(tmp_path)])
+         "--int8_target", "tensorrt", "--int8_float_layers", "1", "--name", "int8_recipe", "--output_dir",
+         str(tmp_path)])
     options = options_from(StudyOptions, vars(args))
     assert options.int8_recipe == Int8Recipe(int8_target="tensorrt", int8_float_layers=1)
     recorded = study_settings(options)["int8_recipe"]  # what study.json keeps, so a resumed study keeps its recipe
