@@ -7,7 +7,11 @@ PY=${1:-.venv/bin/python}
 DATA=${2:-results/demo_data}
 RESULTS=results
 RUN=$RESULTS/runs/demo
-TRAIN_MINUTES=${TRAIN_MINUTES:-7.5}  # the rest of the demo took about 7 minutes on 2 cores (README)
+TRAIN_MINUTES=${TRAIN_MINUTES:-7.5}  # the rest of the demo takes about as long again on 2 cores (docs/results.md)
+PRUNE_STEPS=${PRUNE_STEPS:-60}       # fine-tuning steps of the pruned network (step 4)
+STUDY_STEPS=${STUDY_STEPS:-20}       # fine-tuning steps of every study arm (step 9)
+DISTILL=${DISTILL:-1}                # weight of distillation from the dense network while fine-tuning
+PRUNED=$RESULTS/pruned/demo_l2_50.pth
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 step() { printf '\n=== %s (%ss so far)\n' "$*" "$SECONDS"; }
 
@@ -28,17 +32,14 @@ step "3. evaluate it on the test split: an Excel report and one row in the compa
 $PY test.py "$DATA/test" --weights "$RUN/best.pth" --save_predictions --overwrite --workers 2 \
     --output_dir "$RESULTS"
 
-step "4. prune 50% of the channels by L2 magnitude in 2 steps, scoring val mIoU after each"
+step "4. prune 50% of the channels by L2 magnitude, recalibrate BatchNorm, fine-tune $PRUNE_STEPS steps distilled from the dense network (the recipe the network was trained with, the best validated step kept)"
 $PY torchvision_pruning.py --pruning_ratio 50 --importance_type Magnitude --p_value 2 --model_name demo_l2_50 \
-    --iterative_steps 2 --state_dict "$RUN/best.pth" --keep_feature_extract False --val_data "$DATA/val" \
+    --state_dict "$RUN/best.pth" --data "$DATA/train" --val_data "$DATA/val" --bn_recalibrate 20 \
+    --finetune_steps "$PRUNE_STEPS" --finetune_val_every 20 --distill "$DISTILL" --crop_size 96 \
     --measure_size 256 --latency_runs 3 --workers 2 --overwrite --output_dir "$RESULTS"
 
-step "5. fine-tune the pruned network briefly, then evaluate it beside the dense one"
-$PY train.py "$DATA/train" "$DATA/val" demo_pruned --pruned_model "$RESULTS/pruned/demo_l2_50.pth" \
-    --train_pruned_fully True --epochs 2 --batch_size 4 --crop_size 96 --optimizer adamw --lr 0.001 \
-    --workers 2 --overwrite --output_dir "$RESULTS"
-$PY test.py "$DATA/test" --weights "$RESULTS/runs/demo_pruned/best.pth" --overwrite --workers 2 \
-    --output_dir "$RESULTS"
+step "5. evaluate the pruned network beside the dense one (one more row in the comparison workbook)"
+$PY test.py "$DATA/test" --weights "$PRUNED" --overwrite --workers 2 --output_dir "$RESULTS"
 
 step "6. inference on a sample photo in all three modes, and a whole folder through the sliding window"
 SAMPLES=("$DATA"/test/Images/*)
@@ -46,21 +47,21 @@ $PY inference.py --state_dict "$RUN/best.pth" --image "${SAMPLES[0]}" --mode ove
     --output_dir "$RESULTS"
 $PY inference.py --state_dict "$RUN/best.pth" --image "${SAMPLES[0]}" --mode side_by_side save_mask \
     --save_figure --output_dir "$RESULTS"
-$PY inference.py --state_dict "$RESULTS/runs/demo_pruned/best.pth" --image "$DATA/test/Images" \
+$PY inference.py --state_dict "$PRUNED" --image "$DATA/test/Images" \
     --mode save_mask --tile 96 --stride 64 --output_dir "$RESULTS"
 
 step "7. ONNX export for TensorRT, checked against PyTorch in onnxruntime"
 $PY export.py "$RUN/best.pth" --size 128 --dynamic --overwrite --output_dir "$RESULTS"
 
 step "8. speed and size, dense vs pruned"
-$PY benchmark.py "$RUN/best.pth" "$RESULTS/runs/demo_pruned/best.pth" --size 128 --runs 5 --warmup 1 \
+$PY benchmark.py "$RUN/best.pth" "$PRUNED" --size 128 --runs 5 --warmup 1 \
     --output_dir "$RESULTS"
 
-step "9. pruning study: L2 magnitude, Taylor and the Random control at 30/50/70%, each and the dense twin fine-tuned 1 epoch, scored and timed"
+step "9. pruning study: L2 magnitude, Taylor and the Random control at 30/50/70%, each and the dense twin recalibrated and fine-tuned $STUDY_STEPS steps alike, scored and timed"
 $PY study.py --state_dict "$RUN/best.pth" --data "$DATA/train" --val_data "$DATA/val" --test_data "$DATA/test" \
     --importance_type Magnitude Taylor Random --p_value 2 --pruning_ratio 30 50 70 --iterative_steps 1 \
-    --finetune_epochs 1 \
-    --crop_size 96 --batch_size 8 --calib_batches 1 --measure_size 128 --latency_runs 3 --workers 2 \
+    --bn_recalibrate 20 --finetune_steps "$STUDY_STEPS" --finetune_val_every "$STUDY_STEPS" --distill "$DISTILL" \
+    --crop_size 96 --calib_batches 1 --measure_size 128 --latency_runs 3 --workers 2 \
     --name demo_study --overwrite --output_dir "$RESULTS"
 
 step "10. results/results.md: the figures above as data, each stamped with its command, date, machine and commit"
@@ -72,10 +73,10 @@ sample dataset        $DATA/{train,val,test}
 training run          $RUN/ (best.pth, last.pth, metrics.csv, curves.png, args.json)
 evaluation            $RESULTS/test/demo_best.xlsx, demo_best_confusion.png, demo_best_predictions/
 pruned network        $RESULTS/pruned/demo_l2_50.pth and demo_l2_50_steps.csv
-fine-tuned pruned     $RESULTS/runs/demo_pruned/ and $RESULTS/test/demo_pruned_best.xlsx
+pruned evaluation     $RESULTS/test/demo_l2_50.xlsx
 comparison workbook   $RESULTS/model_test_results.xlsx (one row per test.py run)
 inference figures     $RESULTS/inference/ (<photo>_demo_best_overlay.png, _side_by_side.png, _mask.png;
-                      the pruned model's masks as <photo>_demo_pruned_best_mask.png)
+                      the pruned model's masks as <photo>_demo_l2_50_mask.png)
 ONNX model            $RESULTS/export/ (see the trtexec line above)
 benchmark             $RESULTS/benchmark/
 pruning study         $RESULTS/studies/demo_study/ (study.png: test mIoU and crack F1 against GMACs and latency;

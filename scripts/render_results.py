@@ -54,8 +54,9 @@ class Page:
     relative to it) and, when asked, the folder its figures are copied into (committed pages cannot link into
     the untracked results/)."""
 
-    def __init__(self, output, figures=None, runs=()):
+    def __init__(self, output, figures=None, runs=(), levers=None):
         self.output, self.figures, self.runs = Path(output), Path(figures) if figures else None, tuple(runs)
+        self.levers = Path(levers) if levers else None
         self.machine, self.commit = machine(), git_commit()
 
     def stamp(self, command, source, device=None):
@@ -302,16 +303,47 @@ def inference_block(results, page):
             + page.figure(figures[0], "inference_example.png", figures[0].name))
 
 
-BLOCKS = (training_blocks, test_block, pruning_blocks, benchmark_blocks, export_block, study_blocks, inference_block)
+def lever_setting(study_json):
+    """'BN 20, 40 steps, distill 1': the recovery a lever study gave every arm, from its recorded settings."""
+    settings = json.loads(Path(study_json).read_text())["settings"]
+    tuning, recipe = settings["finetuning"], settings["recipe"]
+    steps = f"{tuning['finetune_steps']} fine-tuning steps" if tuning["finetune_steps"] else "no fine-tuning"
+    distill = f", distill {recipe['distill']:g}" if recipe.get("distill") else ""
+    return f"BN recalibration {settings['bn_recalibrate'] or 'off'}, {steps}{distill}"
 
 
-def render(results, output, figures=None, runs=()):
-    """The page of every block (training runs: those named in `runs`, or all), written to `output`; returns its
-    text."""
+def lever_blocks(results, page):
+    """--levers DIR: one table of the studies under DIR/studies (one study per recovery setting, the same network,
+    grid and seeds): each variant's test mIoU and crack tolerance F1 under each setting."""
+    if page.levers is None:
+        return []
+    folders = sorted(path.parent for path in (page.levers / "studies").glob("*/study_summary.csv"))
+    lines = ["## Recovery levers (study.py, one study per setting)", ""]
+    if not folders:
+        return lines + skipped("lever study", f"{shown_path(page.levers)}/studies/<setting>/study_summary.csv")
+    frames = {folder.name: pd.read_csv(folder / "study_summary.csv").set_index("variant") for folder in folders}
+    lines += page.stamp(study_command(folders[0] / "study.json", folders[0].name) + " (and one study per setting)",
+                        folders[0] / "study_summary.csv")
+    lines += [f"- `{name}`: {lever_setting(page.levers / 'studies' / name / 'study.json')}" for name in frames] + [""]
+    variants = list(next(iter(frames.values())).index)
+    for key, what in (("test_miou_mean", "test mIoU"), ("crack_tolerance_f1_mean", "crack tolerance F1")):
+        lines += [f"{what}, per variant (rows) and setting (columns):", ""]
+        lines += table(["variant", *frames], [[variant, *(percent(frame[key].get(variant)) for frame in
+                                                            frames.values())] for variant in variants])
+    return lines
+
+
+BLOCKS = (training_blocks, test_block, pruning_blocks, benchmark_blocks, export_block, study_blocks, lever_blocks,
+          inference_block)
+
+
+def render(results, output, figures=None, runs=(), levers=None):
+    """The page of every block (training runs: those named in `runs`, or all; the lever table of the studies under
+    `levers`), written to `output`; returns its text."""
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"no results folder {results}; run `make demo` (or give --results)")
-    page = Page(output, figures, runs)
+    page = Page(output, figures, runs, levers)
     lines = ["# Results", "", f"Rendered by `python scripts/render_results.py --results {shown_path(results)}` on "
              f"{datetime.datetime.now().isoformat(sep=' ', timespec='minutes')} from the files a run wrote: every "
              "figure below is read from a file, none is typed. Percentages are of pixels; latencies are medians in "
@@ -356,6 +388,8 @@ def main(argv=None):
     parser.add_argument("--figures", help="copy the figures into this folder and link them there (docs: imgs)")
     parser.add_argument("--runs", nargs="+", default=(), metavar="RUN",
                         help="the training runs to render (default: every folder under runs/)")
+    parser.add_argument("--levers", metavar="DIR",
+                        help="also render one table of the studies under DIR/studies, one per recovery setting")
     parser.add_argument("--check", action="store_true",
                         help="instead: list measured figures in README.md and docs/*.md that --page lacks")
     parser.add_argument("--page", default=str(DEFAULT_PAGE), help="the page --check compares with")
@@ -365,7 +399,7 @@ def main(argv=None):
         for document, line, figure in problems:
             print(f"{document}:{line}: {figure} is not in {shown_path(args.page)}; cite the rendered block instead")
         sys.exit(1 if problems else 0)
-    render(args.results, args.output, args.figures, args.runs)
+    render(args.results, args.output, args.figures, args.runs, args.levers)
     print(f"wrote {args.output}")
 
 

@@ -2,7 +2,6 @@
 fast x86 kernels) and the tensorrt recipe (int8 symmetric, zero points 0: what trtexec --int8 takes), the target
 recorded in the graph and shown by test.py and benchmark.py, --int8_float_layers, the study's flags."""
 import contextlib
-import dataclasses
 import io
 
 import numpy as np

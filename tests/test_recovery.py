@@ -154,3 +154,12 @@ def test_study_fine_tuning_budgets_are_checked(mobilenet_checkpoint, dataset_dir
     result = run_script("study.py", "--state_dict", mobilenet_checkpoint, "--test_data", dataset_dir / "test",
                         "--pruning_ratio", "30", "--name", "bad", "--output_dir", tmp_path, *argv)
     assert_user_error(result, fragment)
+
+
+def test_pruning_refuses_torchrun_in_one_line(mobilenet_checkpoint, tmp_path, monkeypatch):
+    """One network is pruned in one process: several torchrun processes would each prune and write the same file."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_script("torchvision_pruning.py", "--pruning_ratio", "30", "--state_dict", mobilenet_checkpoint,
+                        "--output_dir", tmp_path)
+    assert_user_error(result, "torchrun started 2")
+    assert not (tmp_path / "pruned").exists()

@@ -24,13 +24,18 @@ class DistContext:
         return self.world_size > 1
 
 
+def launched_processes():
+    """How many processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name):
     """Read torchrun's environment; NCCL on GPUs, gloo on CPU. Without torchrun: one process.
 
     More processes than GPUs share them round-robin; NCCL refuses two processes on one GPU, so
     CRACKSENSE_DIST_BACKEND=gloo runs them with gloo on CUDA tensors (scripts/gpu_check.sh does)."""
     device = resolve_device(device_name)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     if world_size <= 1:
         return DistContext(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

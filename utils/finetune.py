@@ -143,11 +143,13 @@ def finetune(model, prepared, recipe, budget, context, steps=None):
     """Fine-tune `model` in place for `steps` optimisation steps (None: `budget`'s --finetune_steps, or as many as
     fit in --finetune_minutes) of the Recipe, batches in the order of prepared.calibration, validating every
     --finetune_val_every steps and at the end; the best network by val mIoU (the untuned one included, so
-    fine-tuning never makes it worse) is kept when there is --val_data, else the last. Returns a FinetuneResult."""
+    fine-tuning never makes it worse) is kept when there is --val_data, else the last. Returns a FinetuneResult
+    (with no steps: the network's val mIoU as it is)."""
     result, started = FinetuneResult(), time.perf_counter()
     timed = steps is None and budget.finetune_minutes is not None
     total = (PLANNING_STEPS if timed else budget.finetune_steps) if steps is None else steps
     if not total:
+        result.val_miou = validation_miou(model, prepared, context.device)
         return result
     if prepared.train_set is None:
         raise UserError("fine-tuning needs --data TRAIN_DIR")

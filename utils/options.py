@@ -5,7 +5,7 @@ from utils.cli import add_bool
 from utils.finetune import FINETUNE_DEFAULTS
 from utils.model import add_output_stride_option
 from utils.prune_ops import importances_help
-from utils.quantize import CALIBRATIONS, WEIGHT_SCALES
+from utils.quantize import CALIBRATIONS, INT8_TARGETS, WEIGHT_SCALES, Int8Recipe
 from utils.recipe import recipe_fields
 
 
@@ -122,8 +122,6 @@ def add_measurement_options(group):
 def add_int8_recipe_options(group):
     """How --int8 quantises (utils.quantize.Int8Recipe, whose defaults these are): for which runtime, weight scales,
     7-bit weights, activation calibration, convolutions kept in float."""
-    from utils.quantize import INT8_TARGETS, Int8Recipe
-
     default = Int8Recipe()
     group.add_argument("--int8_target", choices=tuple(INT8_TARGETS), default=default.int8_target,
                        help="where the INT8 graph will run: cpu = onnxruntime on an x86 or ARM CPU (U8S8: uint8 "

@@ -17,7 +17,7 @@ import torch
 from utils import model as models
 from utils.checkpoint import make_checkpoint, save_atomic
 from utils.cli import UserError, check_batch_memory, plain_name, resolve_device
-from utils.distributed import DistContext
+from utils.distributed import DistContext, launched_processes
 from utils.files import refuse_existing
 from utils.finetune import finetune, prepare_data, validation_miou
 from utils.planning import budget_line, describe_plan, make_budget, plan_to_budget, read_plan, save_plan
@@ -105,6 +105,9 @@ class PruneRun:
     plan: str | None = None
 
     def __post_init__(self):
+        if launched_processes() > 1:
+            raise UserError(f"torchvision_pruning.py prunes one network in one process, but torchrun started "
+                            f"{launched_processes()}; run it with python (several networks at once: study.py)")
         self._check_amount()
         if self.prune.needs_data and not self.data:
             raise UserError(f"{self.prune.needs_data} needs --data TRAIN_DIR: gradient criteria and fine-tuning use "

@@ -158,8 +158,9 @@ def prune_in_steps(model, options, prepared, context, on_step, ignored_layers=()
                 and models.count_parameters(model) == before:
             raise UserError(f"pruning step {step} removed no channel ({kind}, {amount}): nothing in "
                             f"the network could be pruned; check --round_to and the layers left to prune")
-        recalibrate(model, prepared, options.bn_recalibrate, context.device)
-        miou_pruned = validation_miou(model, prepared, context.device)
+        if prepared.calibration is not None:
+            recalibrate(model, prepared, options.bn_recalibrate, context.device)
+        miou_pruned = validation_miou(model, prepared, context.device) if prepared.val_loader is not None else None
         between = options.finetuning.step_finetune_steps if step < options.iterative_steps else 0
         miou_tuned = finetune(model, prepared, options.recipe, options.finetuning, context, between).val_miou \
             if between else None

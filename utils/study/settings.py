@@ -100,8 +100,8 @@ class StudyOptions:
                             "--global_pruning decides the widths itself, so drop one of them")
         if self.int8 is None:
             if self.int8_recipe != Int8Recipe():
-                raise UserError("--int8_weights, --int8_reduce_range and --int8_calibration are only used with "
-                                "--int8; add --int8 or drop them")
+                raise UserError("--int8_target, --int8_weights, --int8_reduce_range, --int8_calibration and "
+                                "--int8_float_layers are only used with --int8; add --int8 or drop them")
             return
         if not self.val_data:
             raise UserError("--int8 calibrates the INT8 graphs on --val_data VAL_DIR; pass it")

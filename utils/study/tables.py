@@ -30,14 +30,20 @@ COMPARED = ("test_miou", "crack_tolerance_f1")
 
 def table_rows(rows):
     """study.csv's rows: GMACs, params in millions and each score's change against the dense fine-tuned twin of
-    the same seed."""
+    the same seed. A run finished before a column was added (a resumed study) lacks it: shown as not measured
+    ("-"), with one note, instead of failing the whole table."""
     twins = {row["seed"]: row for row in rows if row["variant"] == TWIN}
-    out = []
+    out, older = [], set()
     for row in rows:
         twin = twins[row["seed"]]
         row = {**row, "gmacs": row["macs"] / 1e9, "params_m": row["params"] / 1e6,
                **{f"{key}_change": row[key] - twin[key] for key in COMPARED}}
-        out.append(PER_SEED.taken(row) | {"family": row["family"]})
+        lacking = {column.key for column in PER_SEED.columns} - set(row)
+        older |= lacking
+        out.append(PER_SEED.taken({**dict.fromkeys(lacking), **row}) | {"family": row["family"]})
+    if older:
+        print(f"note: runs finished by an earlier version lack {', '.join(sorted(older))}: shown as not measured; "
+              f"--overwrite measures them", flush=True)
     return out
 
 
