@@ -1,6 +1,7 @@
 """Recovery after pruning: BatchNorm recalibration, distillation from the dense network, fine-tuning by a step budget
 with validation every N steps and the best kept; as torchvision_pruning.py and the study use them."""
 import copy
+import json
 
 import pytest
 import torch
@@ -163,3 +164,15 @@ def test_pruning_refuses_torchrun_in_one_line(mobilenet_checkpoint, tmp_path, mo
                         "--output_dir", tmp_path)
     assert_user_error(result, "torchrun started 2")
     assert not (tmp_path / "pruned").exists()
+
+
+def test_a_study_distills_every_arm_from_its_dense_network(mobilenet_checkpoint, dataset_dir, tmp_path):
+    result = run_script("study.py", "--state_dict", mobilenet_checkpoint, "--data", dataset_dir / "train",
+                        "--val_data", dataset_dir / "val", "--test_data", dataset_dir / "test", "--pruning_ratio", "30",
+                        "--finetune_steps", "2", "--distill", "0.5", "--bn_recalibrate", "1", "--batch_size", "2",
+                        "--crop_size", "32", "--measure_size", "64", "--latency_runs", "0", "--workers", "0",
+                        "--name", "distilled", "--output_dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "distill 0.5 (T 2)" in result.stdout
+    manifest = json.loads((tmp_path / "studies" / "distilled" / "study.json").read_text())
+    assert manifest["settings"]["recipe"]["distill"] == 0.5 and len(manifest["runs"]) == 2

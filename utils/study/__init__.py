@@ -64,6 +64,7 @@ def set_up(options):
     dense = loaded.model.to(context.device)
     prepared = prepare_data(options.data, options.val_data, options.recipe, (options.workers, options.seed), context)
     require_classes(prepared, loaded.classes, loaded.source)
+    prepared.teacher = dense  # what --distill learns from: the dense network every arm starts from
     print(f"recovery of every arm: BatchNorm statistics re-estimated on {options.bn_recalibrate} batches, then "
           f"{options.finetuning.describe()} ({recipe_text(options.recipe)})", flush=True)
     study = Study(options, folder, manifest, context, prepared, dense, loaded.arch, loaded.history, loaded.source,
