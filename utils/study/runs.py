@@ -28,6 +28,7 @@ from utils.pruning import prune_in_steps
 from utils.recipe import seed_everything, train_loader
 from utils.study.grid import DENSE, INT8, ONNX, ONNX_FLOAT, TWIN, run_name
 from utils.study.settings import StudyOptions, prune_options
+from utils.study.tables import SCORES
 from utils.timing import WARMUP, deployed_latencies
 
 
@@ -51,11 +52,8 @@ def score_network(model, classes, test_set, options):
     it): the one evaluation loop and metric code."""
     settings = EvalSettings(classes.num_classes, tolerance_px=options.lt_tolerance, crack_id=classes.crack_id)
     result = evaluate_split(model, test_set, torch.device(options.device), settings, 1, options.workers)
-    _, scores, lt = collect_metrics(result, options.lt_tolerance, classes.crack_id)
-    crack = classes.crack_id
-    return {"test_miou": float(scores["mean_iou"]),
-            "crack_iou": float(scores["iou"][crack]) if crack is not None else float("nan"),
-            "crack_tolerance_f1": float(lt["lt_f1"]) if crack is not None else float("nan")}
+    _, scores, tolerance = collect_metrics(result, options.lt_tolerance, classes.crack_id)
+    return {key: float(take(scores, tolerance, classes.crack_id)) for key, take in SCORES.items()}
 
 
 @dataclass

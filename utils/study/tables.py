@@ -3,6 +3,8 @@ against the dense fine-tuned twin with their noise verdicts) of study_summary.cs
 
 Floor 5 (docs/ARCHITECTURE.md): columns are declared once in utils.report's Schema.
 """
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -23,8 +25,14 @@ PER_SEED = Schema("study per seed", (
     Column("int8_agreement", "INT8 vs float32 pixel agreement (val)", percent=True),
     Column("variant", "variant"), Column("run", "checkpoint")))
 # The scores summarised as mean and spread over seeds, and the two compared with the dense fine-tuned twin.
-SUMMARISED = ("gmacs", "params_m", "latency_ms", "speedup", "test_miou", "crack_iou", "crack_tolerance_f1",
-              "val_miou", "int8_agreement")
+# Where each test score of a row comes from, in evaluation.collect_metrics' (scores, tolerance scores) of the test
+# split with its crack class id (None: no crack class): a new score is its Columns above and below and an entry here.
+SCORES = {
+    "test_miou": lambda scores, tolerance, crack: scores["mean_iou"],
+    "crack_iou": lambda scores, tolerance, crack: math.nan if crack is None else scores["iou"][crack],
+    "crack_tolerance_f1": lambda scores, tolerance, crack: math.nan if crack is None else tolerance["lt_f1"],
+}
+SUMMARISED = ("gmacs", "params_m", "latency_ms", "speedup", *SCORES, "val_miou", "int8_agreement")
 COMPARED = ("test_miou", "crack_tolerance_f1")
 
 
