@@ -31,13 +31,13 @@ demo: venv
 STUDY_WEIGHTS ?= results/runs/demo/best.pth
 STUDY_OUTPUT ?= results
 STUDY_FLAGS ?=
-STUDY_STEPS ?= 20
+STUDY_STEPS ?= 30
 .PHONY: study-demo
 study-demo: venv
 	$(PY) study.py --state_dict $(STUDY_WEIGHTS) --data $(DEMO_DIR)/train --val_data $(DEMO_DIR)/val \
 	    --test_data $(DEMO_DIR)/test --importance_type Magnitude Taylor Random --p_value 2 \
 	    --pruning_ratio 30 50 70 --target_gmacs 2 --int8 dense_finetuned magnitude_l2_2gmacs_budgeted_1step \
-	    --seeds 1 2 --bn_recalibrate 20 --finetune_steps $(STUDY_STEPS) --finetune_val_every $(STUDY_STEPS) \
+	    --seeds 1 2 --bn_recalibrate 20 --finetune_steps $(STUDY_STEPS) --finetune_val_every 15 \
 	    --distill 1 --crop_size 96 --calib_batches 1 \
 	    --measure_size 128 --latency_runs 15 --workers 2 --quiet --name demo_study_seeds \
 	    --output_dir $(STUDY_OUTPUT) $(STUDY_FLAGS)

@@ -7,9 +7,9 @@ PY=${1:-.venv/bin/python}
 DATA=${2:-results/demo_data}
 RESULTS=results
 RUN=$RESULTS/runs/demo
-TRAIN_MINUTES=${TRAIN_MINUTES:-7.5}  # the rest of the demo takes about as long again on 2 cores (docs/results.md)
+TRAIN_MINUTES=${TRAIN_MINUTES:-6}    # the rest of the demo takes about as long again on 2 cores
 PRUNE_STEPS=${PRUNE_STEPS:-60}       # fine-tuning steps of the pruned network (step 4)
-STUDY_STEPS=${STUDY_STEPS:-20}       # fine-tuning steps of every study arm (step 9)
+STUDY_STEPS=${STUDY_STEPS:-40}       # fine-tuning steps of every study arm (step 9)
 DISTILL=${DISTILL:-1}                # weight of distillation from the dense network while fine-tuning
 PRUNED=$RESULTS/pruned/demo_l2_50.pth
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -57,10 +57,10 @@ step "8. speed and size, dense vs pruned"
 $PY benchmark.py "$RUN/best.pth" "$PRUNED" --size 128 --runs 5 --warmup 1 \
     --output_dir "$RESULTS"
 
-step "9. pruning study: L2 magnitude, Taylor and the Random control at 30/50/70%, each and the dense twin recalibrated and fine-tuned $STUDY_STEPS steps alike, scored and timed"
+step "9. pruning study: L2 magnitude, Taylor and the Random control at 30/50%, each and the dense twin recalibrated and fine-tuned $STUDY_STEPS steps alike (distilled), scored and timed (make study-demo: 70% too, a GMACs budget, INT8, two seeds)"
 $PY study.py --state_dict "$RUN/best.pth" --data "$DATA/train" --val_data "$DATA/val" --test_data "$DATA/test" \
-    --importance_type Magnitude Taylor Random --p_value 2 --pruning_ratio 30 50 70 --iterative_steps 1 \
-    --bn_recalibrate 20 --finetune_steps "$STUDY_STEPS" --finetune_val_every "$STUDY_STEPS" --distill "$DISTILL" \
+    --importance_type Magnitude Taylor Random --p_value 2 --pruning_ratio 30 50 --iterative_steps 1 \
+    --bn_recalibrate 20 --finetune_steps "$STUDY_STEPS" --finetune_val_every 20 --distill "$DISTILL" \
     --crop_size 96 --calib_batches 1 --measure_size 128 --latency_runs 3 --workers 2 \
     --name demo_study --overwrite --output_dir "$RESULTS"
 
