@@ -21,7 +21,7 @@ axes: export.py --dynamic). Prints the tables and writes OUTPUT_DIR/benchmark/NA
 import argparse
 
 from utils.cli import ArgumentParser, add_bool, add_quiet, run_main, script_main
-from utils.deploy import benchmark_runs, run_benchmark
+from utils.benchmarking import benchmark_runs, run_benchmark
 from utils.model import add_output_stride_option
 from utils.options import add_allow_pickle, add_output_options, add_system_options
 from utils.timing import WARMUP
@@ -57,7 +57,7 @@ def get_args_parser():
 
 
 def run(args):
-    """Checks (utils.deploy.BenchmarkOptions and VariantSpec, one per --size, when made) and the run on them."""
+    """Checks (utils.benchmarking.BenchmarkOptions and VariantSpec, one per --size, when made) and the run on them."""
     return run_benchmark(benchmark_runs(vars(args)))
 
 

@@ -7,9 +7,9 @@ PY=${1:-.venv/bin/python}
 DATA=${2:-results/demo_data}
 RESULTS=results
 RUN=$RESULTS/runs/demo
-TRAIN_MINUTES=${TRAIN_MINUTES:-6}    # the rest of the demo takes about as long again on 2 cores
-PRUNE_STEPS=${PRUNE_STEPS:-60}       # fine-tuning steps of the pruned network (step 4)
-STUDY_STEPS=${STUDY_STEPS:-40}       # fine-tuning steps of every study arm (step 9)
+TRAIN_MINUTES=${TRAIN_MINUTES:-5.5}  # the rest of the demo takes about 8 minutes on 2 cores
+PRUNE_STEPS=${PRUNE_STEPS:-120}      # fine-tuning steps of the pruned network (step 4)
+STUDY_STEPS=${STUDY_STEPS:-80}       # fine-tuning steps of every study arm (step 9)
 DISTILL=${DISTILL:-1}                # weight of distillation from the dense network while fine-tuning
 PRUNED=$RESULTS/pruned/demo_l2_50.pth
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg

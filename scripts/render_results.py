@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils.cli import UserError, run_main  # noqa: E402
-from utils.deploy import cpu_description  # noqa: E402
+from utils.benchmarking import cpu_description  # noqa: E402
 from utils.evaluation import COMPARISON, COMPARISON_WORKBOOK  # noqa: E402
 from utils.onnx_model import open_session  # noqa: E402
 from utils.study.tables import PRINTED_SUMMARY, SUMMARY  # noqa: E402

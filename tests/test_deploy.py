@@ -13,8 +13,8 @@ import export
 from conftest import REPO, assert_user_error, run_script
 from utils.checkpoint import load_model
 from utils.cli import UserError, options_from
-from utils.deploy import (BenchmarkOptions, ExportOptions, LogitsOnly, VariantSpec, add_ratios, add_throughput,
-                          benchmark_runs, check_parity, format_table, parity_passed, trtexec_command)
+from utils.benchmarking import BenchmarkOptions, VariantSpec, add_ratios, add_throughput, benchmark_runs, format_table
+from utils.deploy import ExportOptions, LogitsOnly, check_parity, parity_passed, trtexec_command
 
 
 def test_export_matches_pytorch_in_onnxruntime(tmp_path, lively_mobilenet_checkpoint, capsys):

@@ -16,7 +16,7 @@ import torchvision_pruning
 import train
 from conftest import REPO, assert_user_error, run_script
 from utils.cli import UserError
-from utils.deploy import cpu_description
+from utils.benchmarking import cpu_description
 from utils.onnx_model import OnnxNetwork, onnx_session
 from utils.quantize import Int8Recipe
 

@@ -215,7 +215,7 @@ def test_export_and_benchmark_run_the_recorded_stride(stride16_checkpoint, tmp_p
 
     export.main([str(stride16_checkpoint), "--output", str(tmp_path / "os16.onnx"), "--size", "64", "--device", "cpu"])
     assert "parity check passed" in capsys.readouterr().out
-    from utils.deploy import VariantSpec, prepare_variant
+    from utils.benchmarking import VariantSpec, prepare_variant
 
     for stride, side in ((None, 4), (8, 8)):  # 64 px at stride 16 and 8: 4 and 8 feature cells a side
         variant = prepare_variant(stride16_checkpoint, "x", VariantSpec(64, 1, "cpu", output_stride=stride))
