@@ -38,12 +38,14 @@ def facts_metadata(facts):
 
 
 def onnx_session(path, device="cpu"):
-    """An onnxruntime session on the CUDA provider when asked for and present, else the CPU."""
+    """An onnxruntime session on the CUDA provider when asked for and present (on the GPU `device` names, else the
+    current one: a torchrun process's own), else the CPU."""
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    providers, device = ["CPUExecutionProvider"], torch.device(device)
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        index = torch.cuda.current_device() if device.index is None else device.index
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.set_denormal_as_zero", "1")

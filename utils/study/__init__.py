@@ -15,27 +15,34 @@ Noise: each variant and the twin run once per --seeds value (pruning randomness,
 crops and the order of fine-tuning batches all follow the seed). A mean change against the twin no larger than the
 spread (the larger sample standard deviation over seeds of the variant and of the twin) is marked within noise.
 
-Resuming: OUTPUT_DIR/studies/NAME/study.json holds the normalised arguments and every finished (variant, seed),
-replaced atomically after each one; a checkpoint carries the digest of those arguments, so one that was saved but
-not yet scored when the run was killed is scored, not pruned again.
+Resuming: OUTPUT_DIR/studies/NAME/study.json holds the normalised arguments, the dense row and the budgets' plans;
+NAME/runs/<key>.json each finished (variant, seed), written as it ends; a checkpoint carries the digest of the
+arguments, so one that was saved but not yet scored when the run was killed is scored, not pruned again.
+
+Several processes: under torchrun (`torchrun --nproc_per_node N study.py ...`, `--nnodes` across machines) the first
+process opens the manifest, scores the dense network and plans the budgets; the (variant, seed) runs, then their INT8
+rows, are claimed one at a time by whichever process is free and run on its own device (LOCAL_RANK's GPU, or the
+CPU); once every process is through, the first one times every network in one process and writes the outputs. The
+processes talk only through torchrun's key-value store (utils.distributed.Launch), so each run trains and scores
+as one process would. Every run is seeded by its own seed alone, so the rows do not depend on how many processes ran the grid.
 """
+import datetime
 from pathlib import Path
 
-import torch
-
 from utils import data
-from utils.cli import device_name, plain_name
-from utils.distributed import DistContext
+from utils.cli import UserError, device_name, plain_name
+from utils.distributed import join_launch
 from utils.finetune import prepare_data
 from utils.planning import Budget, describe_plan, plan_to_budget, uniform_ratio_for
 from utils.pruning import load_for_pruning, require_classes
 from utils.recipe import seed_everything
 from utils.report import write_csv, write_workbook
 from utils.study.grid import DENSE, INT8, ONNX, run_name
-from utils.study.manifest import open_study, save_manifest
+from utils.study.manifest import MANIFEST, open_study, save_manifest
 from utils.study.plots import plot_study
 from utils.study.runs import Study, add_latency, dense_row, describe, onnx_rows, run_variant, seeded_data
 from utils.study.sensitivity import run_sensitivity
+from utils.study.spread import spread
 from utils.study.settings import StudyOptions, options_grid, prune_options, study_settings
 from utils.study.tables import PER_SEED, SUMMARY, format_table, summary_rows, table_rows
 
@@ -50,25 +57,39 @@ def recipe_text(recipe):
             f"{recipe.batch_size} x {recipe.crop_size} px{distill}")
 
 
-def set_up(options):
+# How long a process waits at a rendezvous for the others (the end of a phase, the first process's dense scoring and
+# budget plans): one S2DS run takes hours on a GPU, and a process that dies is noticed by torchrun, not by this limit.
+WAIT_LIMIT = datetime.timedelta(days=3)
+
+
+def set_up(options, launch):
     """The study's dense network, its options settled on the recipe that network was trained with, its folder,
-    manifest and data."""
+    manifest (opened by the first process, the same on every process) and data."""
     folder = Path(options.output_dir) / "studies" / plain_name(options.name, "--name")
     seed_everything(options.seed)
     loaded = load_for_pruning(options.state_dict, allow_pickle=options.allow_pickle, stride=options.output_stride)
     options = options.settled(loaded.trained_with)
-    manifest = open_study(folder, study_settings(options), options.overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_manifest(folder, manifest)
-    context = DistContext(device=torch.device(options.device))
+
+    def open_manifest():
+        manifest = open_study(folder, study_settings(options), options.overwrite)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_manifest(folder, manifest)
+        return manifest
+    manifest = launch.from_first(open_manifest)
+    if not (folder / MANIFEST).is_file():
+        raise UserError(f"process {launch.rank} does not see {folder / MANIFEST}, which the first process wrote: "
+                        f"a study over several machines needs an --output_dir every machine shares")
+    context = launch.own()  # each run is one process's own: its loaders neither shard nor wait
     dense = loaded.model.to(context.device)
     prepared = prepare_data(options.data, options.val_data, options.recipe, (options.workers, options.seed), context)
     require_classes(prepared, loaded.classes, loaded.source)
     prepared.teacher = dense  # what --distill learns from: the dense network every arm starts from
-    print(f"recovery of every arm: BatchNorm statistics re-estimated on {options.bn_recalibrate} batches, then "
-          f"{options.finetuning.describe()} ({recipe_text(options.recipe)})", flush=True)
+    if launch.is_main:
+        print(f"recovery of every arm: BatchNorm statistics re-estimated on {options.bn_recalibrate} batches, then "
+              f"{options.finetuning.describe()} ({recipe_text(options.recipe)})"
+              f"{f'; runs spread over {launch.world_size} processes' if launch.enabled else ''}", flush=True)
     study = Study(options, folder, manifest, context, prepared, dense, loaded.arch, loaded.history, loaded.source,
-                  loaded.classes)
+                  loaded.classes, launch=launch)
     if options.test_data:
         study.test_set = data.S2DSDataset(options.test_data, data.EvalTransform(), require_labels=True)
         data.require_same_classes(loaded.classes, study.test_set, loaded.source)
@@ -76,39 +97,53 @@ def set_up(options):
 
 
 def run(options):
-    """study.py: the grid (or, with --sensitivity, the per-part sensitivity), resumable; returns the per-seed rows.
-    `options` is a StudyOptions."""
+    """study.py: the grid (or, with --sensitivity, the per-part sensitivity), resumable, its runs spread over the
+    processes torchrun started (one without torchrun); the first process returns the per-seed rows, the others
+    None. `options` is a StudyOptions."""
     grid = options_grid(options)
-    study = set_up(options)
-    options = study.options
-    if options.sensitivity:
-        return run_sensitivity(study, grid)
-    if study.manifest["dense"] is None:
-        study.manifest["dense"] = dense_row(study)
-        save_manifest(study.folder, study.manifest)
-    plan_budgets(study, grid)
+    study = set_up(options, join_launch(options.device, WAIT_LIMIT))
+    return run_sensitivity(study, grid) if study.options.sensitivity else run_grid(study, grid)
+
+
+def run_grid(study, grid):
+    """The dense rows and budgets (first process), every (variant, seed) and then their INT8 rows (spread), the
+    latency and the outputs (first process)."""
+    options, launch = study.options, study.launch
+    study.manifest["dense"] = launch.from_first(lambda: dense_once(study))
+    study.manifest["budgets"] = launch.from_first(lambda: plan_budgets(study, grid))
     plan = [(variant, seed) for variant in [None, *grid] for seed in options.seeds]
-    jobs = [(variant, seed, False) for variant, seed in plan]  # (variant, seed, its ONNX rows)
-    jobs += [(variant, seed, True) for variant, seed in plan if options.wants_int8(describe(variant)["variant"])]
-    runs, keys = study.manifest["runs"], []
-    for position, (variant, seed, onnx) in enumerate(jobs, start=1):
-        name = describe(variant)["variant"]
-        wanted = [run_name(name + ONNX, seed), run_name(name + INT8, seed)] if onnx else [run_name(name, seed)]
-        keys += wanted
-        if all(key in runs for key in wanted):
-            print(f"[{position}/{len(jobs)}] {', '.join(wanted)}: finished in an earlier run, reused", flush=True)
-            continue
-        print(f"[{position}/{len(jobs)}] ", end="")
-        if onnx:
-            runs.update(onnx_rows(runs[run_name(name, seed)], wanted, study))
-        else:
-            runs[wanted[0]] = run_variant(variant, seed, study)
-        save_manifest(study.folder, study.manifest)
+    runs = spread({run_name(describe(variant)["variant"], seed): (variant, seed) for variant, seed in plan},
+                  lambda position, key, job: {key: run_variant(*job, study, position)}, study, "runs")
+    int8_jobs = {run_name(describe(variant)["variant"] + INT8, seed): (variant, seed) for variant, seed in plan
+                 if options.wants_int8(describe(variant)["variant"])}
+    int8 = spread(int8_jobs, lambda position, key, job: int8_job(position, job, runs, study), study, "int8")
+    if not launch.is_main:
+        return None
+    found = {key: row for result in [*runs.values(), *int8.values()] for key, row in result.items()}
+    study.manifest["runs"] = found
+    save_manifest(study.folder, study.manifest)
     rows = [{**study.manifest["dense"], "run": DENSE, "seed": seed} for seed in options.seeds]
-    rows += [runs[key] for key in keys]
+    rows += list(found.values())
     add_latency(rows, study)
     write_outputs(rows, study)
     return rows
+
+
+def dense_once(study):
+    """The untuned dense network's row, scored once and kept in the manifest."""
+    if study.manifest["dense"] is None:
+        study.manifest["dense"] = dense_row(study)
+        save_manifest(study.folder, study.manifest)
+    return study.manifest["dense"]
+
+
+def int8_job(position, job, runs, study):
+    """{key: row} of the float32 graph and the INT8 graph of a finished (variant, seed)."""
+    variant, seed = job
+    name = describe(variant)["variant"]
+    float_key = run_name(name, seed)
+    return onnx_rows(runs[float_key][float_key], [run_name(name + ONNX, seed), run_name(name + INT8, seed)], study,
+                     position)
 
 
 def plan_budgets(study, grid):
@@ -133,6 +168,7 @@ def plan_budgets(study, grid):
                             "plan": describe_plan(planned), "planned_gmacs": planned["planned_cost"]}
             print(f"{key}: {budgets[key]['plan']} -> {planned['planned_cost']:.3f} GMACs", flush=True)
         save_manifest(study.folder, study.manifest)
+    return budgets
 
 
 def write_outputs(rows, study):

@@ -1,5 +1,6 @@
-"""The study's manifest (OUTPUT_DIR/studies/NAME/study.json): its settings and every finished run, so a killed
-study resumes where it stopped and a study with other settings is never mixed into it.
+"""The study's manifest (OUTPUT_DIR/studies/NAME/study.json): its settings, the dense row and the budgets' plans,
+and, once the study is through, every run's row; with NAME/runs/<key>.json (one finished job each, utils.study.spread)
+a killed study resumes where it stopped, and a study with other settings is never mixed into it.
 
 Floor 4 (docs/ARCHITECTURE.md).
 """
@@ -20,8 +21,9 @@ def digest(settings):
 
 
 def _clear(folder):
-    """--overwrite: remove what an earlier study wrote here (its variant checkpoints and tables), nothing else."""
-    for path in [*Path(folder).glob("*.pth"), *Path(folder).glob("*.onnx")]:
+    """--overwrite: remove what an earlier study wrote here (its variant checkpoints, finished jobs' results and
+    tables), nothing else."""
+    for path in [*Path(folder).glob("*.pth"), *Path(folder).glob("*.onnx"), *Path(folder).glob("runs/*.json")]:
         path.unlink()
     for name in OUTPUT_FILES:
         if (Path(folder) / name).exists():

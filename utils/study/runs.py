@@ -18,7 +18,7 @@ from utils import data, model as models
 from utils.checkpoint import checkpoint_classes, load_for_inference, load_model, make_checkpoint, read_checkpoint, save_atomic
 from utils.cli import UserError, device_name
 from utils.deploy import ExportOptions, export_float, export_int8, int8_path, parity_passed
-from utils.distributed import DistContext
+from utils.distributed import DistContext, Launch
 from utils.engine import EvalSettings
 from utils.evaluation import collect_metrics, evaluate_split
 from utils.finetune import endless_batches, finetune, validation_miou
@@ -70,6 +70,8 @@ class Study:
     source: str
     classes: data.ClassTable = data.S2DS_CLASSES
     test_set: object = None
+    # torchrun's processes, which share the runs out (`context`: this process's own device, a world of one)
+    launch: Launch = dataclasses.field(default_factory=Launch)
 
 
 def seeded_data(prepared, seed, options, context):
@@ -147,20 +149,20 @@ def describe(variant, study=None):
             "target_gmacs": variant.target_gmacs, "plan": amount.get("plan"), "family": variant.family, **float32}
 
 
-def run_variant(variant, seed, study):
+def run_variant(variant, seed, study, position=""):
     """One (variant, seed) from its checkpoint if this study already saved it, else made now; scored on the test
-    split. variant None is the dense fine-tuned twin."""
+    split. variant None is the dense fine-tuned twin; `position` heads its first line ("[3/10, process 1]")."""
     described = describe(variant, study)
     key = run_name(described["variant"], seed)
     path = study.folder / f"{key}.pth"
     saved = _reusable(path, study)
     if saved is not None:
-        print(f"{key}: reusing {path} (saved before the last run stopped)", flush=True)
+        print(f"{position} {key}: reusing {path} (saved before the last run stopped)", flush=True)
         facts = {key: saved["study"][key] for key in ("best_step", "val_miou", "macs", "params")}
     else:
         what = ("fine-tuning the dense network" if variant is None else
                 f"pruning {variant.name} by {variant.family}")
-        print(f"{key}: {what}, seed {seed}", flush=True)
+        print(f"{position} {key}: {what}, seed {seed}", flush=True)
         facts = prune_variant(variant, seed, study, path)
     scores = score_checkpoint(path, study.test_set, study.options)
     print(f"{key}: test mIoU {100 * scores['test_miou']:.2f}%, crack tolerance F1 "
@@ -179,14 +181,14 @@ def dense_row(study):
             "params": params, **score_checkpoint(options.state_dict, study.test_set, options)}
 
 
-def onnx_rows(float_row, keys, study):
+def onnx_rows(float_row, keys, study, position=""):
     """{key: row} of the two graphs of a finished (variant, seed), made as export.py --int8 makes them (deployed
     network, BatchNorm folded, parity-checked float32 graph, then QDQ INT8 calibrated on --calib_images of
     --val_data) and saved as <key>.onnx: the float32 graph, INT8's control in the same runtime, and the INT8 graph;
     both scored on the test split through onnxruntime as test.py scores an .onnx."""
     options, (onnx_key, int8_key) = study.options, keys
     source = study.folder / f"{float_row['run']}.pth"
-    print(f"{int8_key}: exporting {Path(source).name} and quantising it to INT8", flush=True)
+    print(f"{position} {int8_key}: exporting {Path(source).name} and quantising it to INT8", flush=True)
     with tempfile.TemporaryDirectory(dir=study.folder, prefix=".tmp_int8_") as folder:
         export = ExportOptions(checkpoint=str(source), output=os.path.join(folder, "float32.onnx"),
                                size=options.measure_size, dynamic=True, int8=True, calib_data=options.val_data,
