@@ -126,3 +126,55 @@ def test_train_refuses_nonsense_values_in_one_line(dataset_dir, tmp_path, argv, 
                         "lraspp_mobilenet_v3_large", "--init", "none", "--epochs", "1", "--batch_size", "2",
                         "--crop_size", "32", "--workers", "0", "--output_dir", tmp_path, *argv)
     assert_user_error(result, fragment)
+
+
+def test_training_batches_do_not_depend_on_the_number_of_loading_workers(dataset_dir):
+    """Each sample's augmentation follows the seed the loader drew for it, not the worker that made it: the same
+    seed gives the same batches with 0, 1 or 2 workers (so a torchrun process's share of CPUs changes no run), another
+    seed other batches, and loading leaves the caller's own random streams where they were."""
+    import random
+
+    import torch
+
+    from utils import data
+    from utils.distributed import DistContext
+    from utils.recipe import train_loader
+
+    train_set = data.training_set(dataset_dir / "train", 48)
+
+    def batches(workers, seed=5):
+        loader = iter(train_loader(train_set, 2, workers, seed, DistContext()))
+        return [next(loader) for _ in range(3)]
+
+    random.seed(0)
+    torch.manual_seed(0)
+    untouched = (random.random(), torch.rand(2))
+    random.seed(0)
+    torch.manual_seed(0)
+    reference = batches(0)
+    assert random.random() == untouched[0] and torch.equal(torch.rand(2), untouched[1])
+    for workers in (1, 2):
+        for (images, masks, indices), (want_images, want_masks, want_indices) in zip(batches(workers), reference):
+            assert torch.equal(indices, want_indices) and torch.equal(images, want_images)
+            assert torch.equal(masks, want_masks)
+    assert not all(torch.equal(got[0], want[0]) for got, want in zip(batches(0, seed=6), reference))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_validation_pass_leaves_the_global_random_stream_alone(dataset_dir, workers):
+    """Scoring draws nothing from torch's global generator, first pass or later: the dropout of the training that
+    follows does not depend on whether this process validated before."""
+    import torch
+
+    from utils import data
+    from utils.distributed import DistContext
+    from utils.recipe import eval_loader
+
+    loader = eval_loader(data.S2DSDataset(dataset_dir / "val", data.EvalTransform()), 1, workers, DistContext())
+    torch.manual_seed(7)
+    untouched = torch.rand(2)
+    for _ in range(2):
+        torch.manual_seed(7)
+        for _batch in loader:
+            pass
+        assert torch.equal(torch.rand(2), untouched)

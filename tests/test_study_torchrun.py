@@ -1,11 +1,12 @@
 """study.py under torchrun (gloo, two CPU processes): the runs are shared out, the rows equal one process's, the
 outputs are written once, and a worker killed with SIGKILL costs only its unfinished runs."""
+import json
 import os
 import re
 import signal
-import threading
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def study_args(checkpoint, dataset_dir, out, name):
     return ["study.py", "--state_dict", checkpoint, "--data", dataset_dir / "train", "--val_data", dataset_dir / "val",
             "--test_data", dataset_dir / "test", "--pruning_ratio", "30", "50", "--importance_type", "Magnitude",
             "Random", "--seeds", "1", "--finetune_steps", "2", "--calib_batches", "1", "--batch_size", "2",
-            "--crop_size", "64", "--measure_size", "64", "--latency_runs", "1", "--workers", "0", "--device", "cpu",
+            "--crop_size", "64", "--measure_size", "64", "--latency_runs", "1", "--workers", "1", "--device", "cpu",
             "--int8", "dense_finetuned", "--calib_images", "1", "--name", name, "--output_dir", out]
 
 
@@ -140,3 +141,21 @@ def test_work_done_once_reaches_every_process_and_so_does_its_error():
     assert seen == {**{(rank, "value"): {"dense": [0.5, 1]} for rank in (0, 1)},
                     **{(rank, "error"): "study.json is damaged" for rank in (0, 1)},
                     **{(rank, "through"): [0] for rank in (0, 1)}}
+
+
+def test_the_processes_benchmark_times_both_and_finds_equal_rows(lively_mobilenet_checkpoint, dataset_dir, tmp_path):
+    """scripts/benchmark_study_processes.py runs one study twice (one process, torchrun's two) and reports the wall
+    times and the largest difference of every score column; refuses the arguments it sets itself."""
+    args = study_args(lively_mobilenet_checkpoint, dataset_dir, tmp_path, "unused")[1:]
+    args = args[:args.index("--pruning_ratio")] + ["--pruning_ratio", "50", "--importance_type", "Random",
+                                                   "--finetune_steps", "1", "--batch_size", "2", "--crop_size", "64",
+                                                   "--measure_size", "64", "--latency_runs", "1", "--workers", "0",
+                                                   "--device", "cpu"]
+    result = run("scripts/benchmark_study_processes.py", "--output_dir", tmp_path / "bench", "--", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "bench" / "processes.json").read_text())
+    assert record["runs"] == 3 and record["runs_in_one_only"] == [] and record["one_process_s"] > 0
+    assert record["largest_difference"]["test_miou"] <= 1e-6 and record["largest_difference"]["gmacs"] <= 1e-9
+    assert "2 processes" in result.stdout and "CPU:" in result.stdout
+    assert_user_error(run_script("scripts/benchmark_study_processes.py", "--output_dir", tmp_path / "bench", "--",
+                                 *args, "--name", "mine"), "without --name and --output_dir")

@@ -107,7 +107,8 @@ class PruneRun:
     def __post_init__(self):
         if launched_processes() > 1:
             raise UserError(f"torchvision_pruning.py prunes one network in one process, but torchrun started "
-                            f"{launched_processes()}; run it with python (several networks at once: study.py)")
+                            f"{launched_processes()}; run it with python (many networks over several GPUs: "
+                            f"torchrun study.py)")
         self._check_amount()
         if self.prune.needs_data and not self.data:
             raise UserError(f"{self.prune.needs_data} needs --data TRAIN_DIR: gradient criteria and fine-tuning use "

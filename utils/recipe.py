@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from utils import data
 from utils.cli import UserError, bool_or_auto, check_number, str2bool
@@ -152,25 +152,51 @@ def epochs_within_budget(budget_seconds, elapsed_seconds, done_epochs, epoch_sec
     return done_epochs + max(0, int(remaining // per_epoch)) if per_epoch > 0 else done_epochs
 
 
+class SeededSampler(Sampler):
+    """The indices `order` yields, each paired with a seed of its own drawn from `generator` in the process that
+    loads the batches: a sample's augmentation then depends on the run's seed and its place in the run alone, not
+    on which data-loading worker makes it or how many there are, so --workers (and the share of the CPUs a torchrun
+    process gets) leave a run's batches as they are."""
+
+    def __init__(self, order, generator):
+        self.order, self.generator = order, generator
+
+    def set_epoch(self, epoch):
+        """DistributedSampler's reshuffle for `epoch` (train.py under torchrun)."""
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        for index in self.order:
+            yield int(index), int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+
+    def __len__(self):
+        return len(self.order)
+
+
 def train_loader(dataset, batch_size, workers, seed, context):
-    """Shuffled batches (sharded under torchrun); the last short batch is dropped because
-    BatchNorm in the ASPP pooling branch cannot train on a single sample."""
+    """Shuffled batches (sharded under torchrun), each sample's augmentation seeded by the loader (SeededSampler);
+    the last short batch is dropped because BatchNorm in the ASPP pooling branch cannot train on a single sample."""
     if len(dataset) < batch_size * context.world_size:
         raise UserError(f"the training split has {len(dataset)} images, fewer than --batch_size {batch_size}"
                         f" x {context.world_size} process(es); lower --batch_size")
-    sampler = DistributedSampler(dataset, context.world_size, context.rank, shuffle=True, seed=seed) \
-        if context.enabled else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=context.device.type == "cuda", drop_last=True,
-                      persistent_workers=workers > 0, collate_fn=data.collate,
-                      generator=torch.Generator().manual_seed(seed + context.rank))
+    stream = seed + context.rank
+    order = DistributedSampler(dataset, context.world_size, context.rank, shuffle=True, seed=seed) \
+        if context.enabled else RandomSampler(dataset, generator=torch.Generator().manual_seed(stream))
+    sampler = SeededSampler(order, torch.Generator().manual_seed(stream + 2**32))  # a stream apart from the order's
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=context.device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                      collate_fn=data.collate, generator=torch.Generator().manual_seed(stream))  # not the global one
 
 
 def eval_loader(dataset, batch_size, workers, context):
+    """The split in order (sharded under torchrun). Its own generator: a loader draws its workers' base seed when a
+    pass starts, and a persistent one only at its first pass, so drawing from the global stream would shift the
+    dropout of whichever training comes after the first validation (a run's rows would then depend on what ran
+    before it in the same process)."""
     sampler = ShardSampler(len(dataset), context.rank, context.world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=context.device.type == "cuda", persistent_workers=workers > 0,
-                      collate_fn=data.collate)
+                      collate_fn=data.collate, generator=torch.Generator())
 
 
 def make_criterion(kind, dataset, progress, skeleton_weight=0.0):

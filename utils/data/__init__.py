@@ -4,6 +4,7 @@ Model-free: imports no model code (docs/ARCHITECTURE.md, floor 1). The dataset c
 (check, rgb2gray, prepare) live in utils/data/__main__.py. The class order is the one the published thesis code wrote
 into Labels_grayscale, so existing grayscale labels and 8-output weights stay valid.
 """
+import contextlib
 import random
 import re
 from dataclasses import dataclass
@@ -333,12 +334,33 @@ class S2DSDataset(torch.utils.data.Dataset):
         return image, mask
 
     def __getitem__(self, index):
+        """Sample `index`; or (index, seed), as utils.recipe's training loader draws them: the random transform
+        then follows that seed alone, whichever data-loading process makes the sample."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
         image, mask = self.load(index)
         image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).long())
         if self.transform is not None:
-            image, mask = self.transform(image, mask)
+            with seeded_randomness(seed):
+                image, mask = self.transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), index
+
+
+@contextlib.contextmanager
+def seeded_randomness(seed):
+    """Python's and torch's CPU random draws inside follow `seed` (None: left as they are); both states are put back
+    after, so the caller's own random streams go on as if nothing had been drawn."""
+    if seed is None:
+        yield
+        return
+    python_state, torch_state = random.getstate(), torch.random.get_rng_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.random.set_rng_state(torch_state)
 
 class RandomScale:
     """Rescale image and mask together by a random factor (mask with nearest neighbour)."""
