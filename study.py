@@ -7,6 +7,7 @@ fine-tuned, scored on the test split as test.py scores it and timed beside the d
     python study.py ... --sensitivity     each part (ResNet stage, ASPP, head 3x3 conv) pruned alone, untuned
 
     python study.py ... --importance_type Magnitude Taylor Random --seeds 1 2     with the random control, 2 seeds
+    torchrun --nproc_per_node 4 study.py ...     the runs shared out over 4 GPUs (docs/study.md: several machines)
 
 Every variant, and a dense twin fine-tuned with the same recipe, steps and seed (the reference every change is
 taken against; the untuned dense row stays, labelled), runs once per --seeds value. Writes OUTPUT_DIR/studies/NAME/:
@@ -16,8 +17,8 @@ crack tolerance F1, change against the dense fine-tuned twin of that seed), stud
 and spread over seeds, changes marked "within noise" when no larger than the spread), study.png (the scores against
 GMACs and latency, bars: spread), and with --sensitivity sensitivity.csv and sensitivity.png. Latency is measured as
 everywhere in CrackSense (utils/timing.py: deployed network, warm-up, median of interleaved rounds). Rerun the same
-command to resume after an interruption: finished (variant, seed) runs are kept. Other arguments under an existing
-NAME need --overwrite.
+command to resume after an interruption: finished (variant, seed) runs (NAME/runs/*.json) are kept. Other arguments
+under an existing NAME need --overwrite.
 """
 import argparse
 
