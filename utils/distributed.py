@@ -58,23 +58,12 @@ def init_distributed(device_name):
 
 
 @dataclass
-class Launch:
+class Launch(DistContext):
     """The processes torchrun started to share out independent jobs (the study's runs). They talk only through the
     launch's key-value store, never a process group: each job's training and scoring stay one process's own, so
     nothing they reduce waits for another process. Without torchrun: one process, the same calls."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
     store: object = None  # torch.distributed.Store; None for one process
     _exchanges: itertools.count = field(default_factory=itertools.count, repr=False)
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def enabled(self):
-        return self.world_size > 1
 
     def own(self):
         """The context of a job this process runs by itself: its device, a world of one."""
@@ -119,12 +108,12 @@ def join_launch(device_name, timeout):
     """This process's Launch: under torchrun, the launch's store (the one init_process_group would use) under a
     prefix of this attempt, so a restarted launch starts its counters afresh; `timeout` bounds every wait for the
     others (a process that dies is noticed by torchrun, which stops the rest)."""
-    rank, world_size, _, device = _this_process(device_name)
+    rank, world_size, local_rank, device = _this_process(device_name)
     if world_size <= 1:
         return Launch(device=device)
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return Launch(rank, world_size, device, dist.PrefixStore(f"cracksense/{attempt}", store))
+    return Launch(rank, world_size, local_rank, device, dist.PrefixStore(f"cracksense/{attempt}", store))
 
 
 def unwrap(model):

@@ -24,7 +24,8 @@ process opens the manifest, scores the dense network and plans the budgets; the 
 rows, are claimed one at a time by whichever process is free and run on its own device (LOCAL_RANK's GPU, or the
 CPU); once every process is through, the first one times every network in one process and writes the outputs. The
 processes talk only through torchrun's key-value store (utils.distributed.Launch), so each run trains and scores
-as one process would. Every run is seeded by its own seed alone, so the rows do not depend on how many processes ran the grid.
+as one process would. Every run is seeded by its own seed alone, so the rows do not depend on how many processes
+ran the grid.
 """
 import datetime
 from pathlib import Path
@@ -111,15 +112,14 @@ def run_grid(study, grid):
     options, launch = study.options, study.launch
     study.manifest["dense"] = launch.from_first(lambda: dense_once(study))
     study.manifest["budgets"] = launch.from_first(lambda: plan_budgets(study, grid))
-    plan = [(variant, seed) for variant in [None, *grid] for seed in options.seeds]
-    runs = spread({run_name(describe(variant)["variant"], seed): (variant, seed) for variant, seed in plan},
-                  lambda position, key, job: {key: run_variant(*job, study, position)}, study, "runs")
-    int8_jobs = {run_name(describe(variant)["variant"] + INT8, seed): (variant, seed) for variant, seed in plan
-                 if options.wants_int8(describe(variant)["variant"])}
-    int8 = spread(int8_jobs, lambda position, key, job: int8_job(position, job, runs, study), study, "int8")
+    plan = [(describe(variant)["variant"], variant, seed) for variant in [None, *grid] for seed in options.seeds]
+    runs = spread({run_name(name, seed): (variant, seed) for name, variant, seed in plan},
+                  lambda position, key, job: run_variant(*job, study, position), study, "runs")
+    int8_jobs = {run_name(name + INT8, seed): (name, seed) for name, _, seed in plan if options.wants_int8(name)}
+    int8 = spread(int8_jobs, lambda position, key, job: int8_job(position, *job, runs, study), study, "int8")
     if not launch.is_main:
         return None
-    found = {key: row for result in [*runs.values(), *int8.values()] for key, row in result.items()}
+    found = {**runs, **{key: row for graphs in int8.values() for key, row in graphs.items()}}
     study.manifest["runs"] = found
     save_manifest(study.folder, study.manifest)
     rows = [{**study.manifest["dense"], "run": DENSE, "seed": seed} for seed in options.seeds]
@@ -137,12 +137,9 @@ def dense_once(study):
     return study.manifest["dense"]
 
 
-def int8_job(position, job, runs, study):
-    """{key: row} of the float32 graph and the INT8 graph of a finished (variant, seed)."""
-    variant, seed = job
-    name = describe(variant)["variant"]
-    float_key = run_name(name, seed)
-    return onnx_rows(runs[float_key][float_key], [run_name(name + ONNX, seed), run_name(name + INT8, seed)], study,
+def int8_job(position, name, seed, runs, study):
+    """{key: row} of the float32 graph and the INT8 graph of the finished run `name` with `seed`."""
+    return onnx_rows(runs[run_name(name, seed)], [run_name(name + ONNX, seed), run_name(name + INT8, seed)], study,
                      position)
 
 

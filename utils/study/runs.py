@@ -149,7 +149,7 @@ def describe(variant, study=None):
             "target_gmacs": variant.target_gmacs, "plan": amount.get("plan"), "family": variant.family, **float32}
 
 
-def run_variant(variant, seed, study, position=""):
+def run_variant(variant, seed, study, position):
     """One (variant, seed) from its checkpoint if this study already saved it, else made now; scored on the test
     split. variant None is the dense fine-tuned twin; `position` heads its first line ("[3/10, process 1]")."""
     described = describe(variant, study)
@@ -181,7 +181,7 @@ def dense_row(study):
             "params": params, **score_checkpoint(options.state_dict, study.test_set, options)}
 
 
-def onnx_rows(float_row, keys, study, position=""):
+def onnx_rows(float_row, keys, study, position):
     """{key: row} of the two graphs of a finished (variant, seed), made as export.py --int8 makes them (deployed
     network, BatchNorm folded, parity-checked float32 graph, then QDQ INT8 calibrated on --calib_images of
     --val_data) and saved as <key>.onnx: the float32 graph, INT8's control in the same runtime, and the INT8 graph;
